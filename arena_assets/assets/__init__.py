@@ -1,0 +1,1 @@
+"""Dagster assets, checks, jobs and automation: thin orchestration over gpu/ and core/."""

@@ -1,0 +1,2 @@
+"""Dagster-free, torch-free foundations: data contract, folds, metrics, ensemble, settings,
+artifacts and the step result protocol."""

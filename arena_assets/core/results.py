@@ -1,0 +1,75 @@
+"""The one result protocol every step follows, whatever runs it (in-process, Slurm, a pod).
+
+A step is a plain function ``step(settings, <input paths>, out_dir) -> StepResult``. It writes its
+outputs plus ``result.json`` into ``out_dir`` through :func:`step_output`, which stages the
+directory and renames it into place only on success. The orchestrator (a Dagster asset) reads
+``result.json`` back, so the same file carries metrics/paths/timings/notes from any backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arena_assets.core.artifacts import atomic_write_json, staged_dir
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class StepResult:
+    """What a step reports. Paths are relative to the output directory unless absolute."""
+
+    step: str
+    out_dir: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth recording: what model was loaded, fallbacks, counts, histories."""
+
+    def path(self, key: str) -> Path:
+        p = Path(self.paths[key])
+        return p if p.is_absolute() else Path(self.out_dir) / p
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepResult":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @classmethod
+    def read(cls, out_dir: str | os.PathLike[str]) -> "StepResult":
+        out_dir = Path(out_dir)
+        res = cls.from_dict(json.loads((out_dir / RESULT_FILE).read_text()))
+        res.out_dir = str(out_dir)
+        return res
+
+
+@contextlib.contextmanager
+def step_output(out_dir: str | os.PathLike[str], step: str) -> Iterator[tuple[Path, StepResult]]:
+    """Stage ``out_dir``; yield ``(tmp_dir, result)``; on success write result.json and rename.
+
+    Paths the step records must be relative to the directory (they stay valid after the rename).
+    """
+    final = Path(out_dir)
+    t0 = time.time()
+    result = StepResult(step=step)
+    with staged_dir(final) as tmp:
+        yield tmp, result
+        result.timings.setdefault("wall_s", round(time.time() - t0, 3))
+        result.info.setdefault("host", socket.gethostname())
+        result.info.setdefault("python", platform.python_version())
+        result.info.setdefault("pid", os.getpid())
+        result.out_dir = str(final)
+        atomic_write_json(tmp / RESULT_FILE, result.to_dict())

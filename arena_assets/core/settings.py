@@ -1,0 +1,430 @@
+"""Typed settings for the whole recipe: one file, plain objects, per-step hashes.
+
+Why plain pydantic models in ``core/`` and not Dagster ``Config`` classes: the same objects are
+pickled into Slurm jobs, Kubernetes pods and the separate GPTQ environment, none of which has
+Dagster installed. The defaults run the embedded demo (tiny models, CPU, minutes); the 1st-place
+values for real checkpoints are documented next to each field and collected in
+``settings/first_place.example.yaml``.
+
+Staleness: each asset's Dagster ``code_version`` is :func:`settings_hash` of the step settings
+object it uses (see :meth:`Settings.for_step`), so changing ``student.kd.alpha`` marks exactly the
+student's assets and their dependents stale, nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SETTINGS_ENV = "ARENA_SETTINGS"
+"""Environment variable naming the settings file (YAML or TOML)."""
+
+STEP_VERSION = "1"
+"""Bumped when a step's code changes in a way that invalidates its artifacts."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+class TinyModelConfig(_Frozen):
+    """A small random-init model built from a config (tests, the demo). Never downloaded."""
+
+    arch: Literal["gemma2", "llama"] = "gemma2"
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 256
+    vocab_size: int = 6000
+    """Upper bound for the word-level tokenizer trained from the data."""
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+
+class ModelSpec(_Frozen):
+    """Where a model family's weights come from.
+
+    ``path`` set: a real checkpoint loaded by path (``tokenizer_path`` may differ, as in the
+    seed scripts). ``path`` empty: a tiny model built from ``tiny`` with a tokenizer trained on
+    the data, fully offline.
+    """
+
+    path: str | None = None
+    tokenizer_path: str | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "flex_attention", "sdpa", "flash_attention_2"] = "eager"
+    """Gemma-2 applies attention softcapping only with eager or flex_attention; sdpa silently
+    drops it. The default is eager (CPU); flex_attention on GPUs."""
+    quantize_base: Literal["none", "4bit", "8bit"] = "none"
+    """QLoRA: load the base through bitsandbytes (CUDA)."""
+    allow_downgrade: bool = False
+    """Never swap in a smaller model silently; a fallback checkpoint is used only when set."""
+    downgrade_path: str | None = None
+    span_tags: bool | None = None
+    """Span identity for the cross-encoder: tag every word with its span (prompt/A/B) so a
+    random-init model can tell A's tokens from B's. None = on for tiny models, off for real
+    checkpoints (whose format marks spans with headers)."""
+
+    @property
+    def is_tiny(self) -> bool:
+        return not self.path
+
+
+class LoraSettings(_Frozen):
+    """LoRA (peft). 1st place: r=64, alpha=128, all linear layers."""
+
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    init_seed: int = 1234
+    """The SAME adapter init in every fold: plain averaging of adapters needs it."""
+
+
+class TrainSettings(_Frozen):
+    """Hyper-parameters handed to the transformers Trainer."""
+
+    learning_rate: float = 2e-3
+    """1st place student: 5e-5 (cosine, 100 warm-up steps)."""
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_batch_size: int = 16
+    grad_accum: int = 1
+    """1st place: global batch 64."""
+    max_length: int = 256
+    """Training max length (1st place teachers: 1024)."""
+    label_smoothing: float = 0.0
+    group_by_length: bool = True
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    eval_steps: int = 0
+    """0 = evaluate once per epoch end only."""
+    logging_steps: int = 5
+    dataloader_workers: int = 0
+
+
+class FormatSettings(_Frozen):
+    """How a row becomes a model input (see gpu/formatting.py)."""
+
+    max_length: int = 256
+    prompt_max_tokens: int = 64
+    """1st place: the prompt capped at 256 tokens, the longer response trimmed first."""
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+class PostPretrainSettings(_Frozen):
+    """Step 1: train a family's base on external preference pairs, merge, save_pretrained."""
+
+    enabled: bool = True
+    """False passes the base through unchanged."""
+    train: TrainSettings = TrainSettings(learning_rate=3e-3, per_device_batch_size=16)
+    lora: LoraSettings = LoraSettings(enabled=False)
+    """Tiny bases are fully trained (LoRA on a random-init base barely learns); real bases use
+    LoRA/QLoRA and are merged."""
+    max_rows: int | None = None
+
+
+class TeacherSettings(_Frozen):
+    """Step 3: one teacher per fold and family (sequence classifier + LoRA)."""
+
+    train: TrainSettings = TrainSettings(learning_rate=2e-3)
+    lora: LoraSettings = LoraSettings()
+    use_external: bool = True
+    max_external_rows: int | None = None
+
+
+class KDSettings(_Frozen):
+    """Step 5 loss: alpha*T^2*KL(teacher_T || student_T) + (1-alpha)*CE_ls + mse*MSE + cos*(1-cos)."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    mse_weight: float = 0.0
+    cos_weight: float = 0.0
+    label_smoothing: float = 0.05
+    teacher_families: list[str] | None = None
+    """None = every teacher family, averaged (1st place: qwen + llama)."""
+
+
+class StudentSettings(_Frozen):
+    train: TrainSettings = TrainSettings(learning_rate=2e-3)
+    lora: LoraSettings = LoraSettings()
+    kd: KDSettings = KDSettings()
+
+
+class CalibrationSettings(_Frozen):
+    """Per-fold temperature scaling fitted with LBFGS on the fold's validation logits."""
+
+    enabled: bool = True
+    max_iter: int = 100
+    merged_temperature: Literal["mean", "median", "none"] = "mean"
+    """Temperature of the averaged-and-merged model: the mean of the fold temperatures."""
+
+
+class AverageSettings(_Frozen):
+    """Step 6: average fold adapters and heads, then merge."""
+
+    method: Literal["mean_adapters", "mean_deltas"] = "mean_adapters"
+    """mean_adapters: plain mean of LoRA A/B tensors and heads (the seed's way);
+    mean_deltas: exact mean of the weight deltas B@A."""
+
+
+class QuantSettings(_Frozen):
+    """Step 7: 8-bit quantization, GPTQ first, bitsandbytes int8 as the recorded fallback."""
+
+    methods: list[Literal["gptq", "bnb8", "none"]] = ["gptq", "bnb8", "none"]
+    bits: int = 8
+    group_size: int = 128
+    n_calibration: int = 128
+    calibration_max_length: int = 2100
+    python: str | None = None
+    """Interpreter of the GPTQ environment (GPTQModel pins protobuf>=7, Dagster <7).
+    None: ``$ARENA_QUANT_PYTHON`` or ``.venv-quant/bin/python`` when present."""
+
+
+class InferSettings(_Frozen):
+    """Step 8: TTA inference (original + A/B-swapped, averaged)."""
+
+    max_length: int = 2000
+    batch_size: int = 16
+    tta: bool = True
+    sort_by_length: bool = True
+    apply_calibration: bool = True
+
+
+class EnsembleSettings(_Frozen):
+    """Step 9.
+
+    folds_mean: equal mean of the fold submissions (the seed's step 9).
+    folds_cv_weighted: w_k proportional to exp(-(L_k - min L)/tau), L_k the fold's CV log-loss.
+    merged: the TTA submission of the averaged-merged-quantized model (1st place's final).
+    blend: blend_weight * merged + (1 - blend_weight) * folds_mean.
+    """
+
+    mode: Literal["folds_mean", "folds_cv_weighted", "merged", "blend"] = "merged"
+    cv_weight_tau: float = 0.01
+    blend_weight: float = 0.5
+
+
+class FoldSettings(_Frozen):
+    """Step 2: stratified K-fold (scikit-learn), seed 42, optional grouping by prompt."""
+
+    n_folds: int = 5
+    seed: int = 42
+    group_by_prompt: bool = False
+
+
+class StepNeeds(_Frozen):
+    """What one step asks of the compute backend (Slurm/k8s). Demo values fit a 2-CPU node."""
+
+    gpus: int = 0
+    cpus: int = 1
+    mem_gb: int = 4
+    time_min: int = 60
+    nodes: int = 1
+
+
+class SlurmSettings(_Frozen):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gres: str | None = None
+    """e.g. "gpu:h100:1"; otherwise gpus come from StepNeeds.gpus."""
+    setup: list[str] = []
+    """Shell lines run before the step (module load, source venv, export HF_HOME=...)."""
+    folder: str | None = None
+    """submitit folder; default <artifact_root>/.submitit."""
+    poll_s: float = 1.0
+    signal_delay_s: int = 30
+    job_array: bool = False
+
+
+class K8sSettings(_Frozen):
+    image: str = "arena-assets:latest"
+    namespace: str = "default"
+    artifact_pvc: str = "arena-artifacts"
+    artifact_mount: str = "/artifacts"
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    env_secrets: dict[str, str] = {}
+    """ENV_NAME -> "secret-name:key"; values are never read, only referenced."""
+    service_account: str | None = None
+
+
+class ComputeSettings(_Frozen):
+    backend: Literal["local", "slurm", "k8s"] = "local"
+    local_mode: Literal["inprocess", "subprocess"] = "inprocess"
+    needs: dict[str, StepNeeds] = {}
+    """Per-step overrides keyed by step name (post_pretrain, teacher, teacher_oof, student,
+    calibration, predict, average, quantize, tta)."""
+    slurm: SlurmSettings = SlurmSettings()
+    k8s: K8sSettings = K8sSettings()
+
+    def needs_for(self, step: str) -> StepNeeds:
+        return self.needs.get(step, StepNeeds())
+
+
+class DataPaths(_Frozen):
+    """Inputs. Relative paths resolve against the settings file's folder (or the cwd)."""
+
+    train_csv: str = ".arena/inputs/train.csv"
+    test_csv: str = ".arena/inputs/test.csv"
+    external: str | None = ".arena/inputs/external.csv"
+    truth_json: str | None = ".arena/inputs/truth.json"
+    """Known-answer sample only: true probabilities for the quality report."""
+
+
+class SampleSettings(_Frozen):
+    """The bundled known-answer sample the demo generates when inputs are missing."""
+
+    train_rows: int = 2000
+    test_rows: int = 500
+    external_rows: int = 4000
+    seed: int = 7
+
+
+class Settings(_Frozen):
+    """The one settings object. Defaults = the embedded CPU demo."""
+
+    artifact_root: str = ".arena/artifacts"
+    data: DataPaths = DataPaths()
+    sample: SampleSettings = SampleSettings()
+    folds: FoldSettings = FoldSettings()
+    families: dict[str, ModelSpec] = {"gemma": ModelSpec(), "llama": ModelSpec(tiny=TinyModelConfig(arch="llama"))}
+    student_family: str = "gemma"
+    teacher_families: list[str] = ["llama"]
+    post_pretrain: PostPretrainSettings = PostPretrainSettings()
+    fmt: FormatSettings = FormatSettings()
+    teacher: TeacherSettings = TeacherSettings()
+    student: StudentSettings = StudentSettings()
+    baseline: StudentSettings = StudentSettings(kd=KDSettings(alpha=0.0))
+    """The CE-only student (the seed's job.sh): same function, alpha=0."""
+    calibration: CalibrationSettings = CalibrationSettings()
+    average: AverageSettings = AverageSettings()
+    quant: QuantSettings = QuantSettings()
+    infer: InferSettings = InferSettings()
+    ensemble: EnsembleSettings = EnsembleSettings()
+    compute: ComputeSettings = ComputeSettings()
+    base_dir: str = Field(default=".", exclude=True)
+    """Folder that relative paths resolve against (the settings file's folder); not hashed."""
+
+    @model_validator(mode="after")
+    def _check_families(self) -> "Settings":
+        missing = [f for f in [self.student_family, *self.teacher_families] if f not in self.families]
+        if missing:
+            raise ValueError(f"families {missing} are used but not defined under `families`")
+        return self
+
+    # ---------------------------------------------------------------- paths
+    def resolve(self, p: str | None) -> Path | None:
+        if p is None:
+            return None
+        path = Path(os.path.expanduser(p))
+        return path if path.is_absolute() else (Path(self.base_dir) / path).resolve()
+
+    @property
+    def root(self) -> Path:
+        return self.resolve(self.artifact_root)  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- per-step views
+    def for_step(self, step: str, family: str | None = None) -> dict[str, Any]:
+        """The settings one step uses, and nothing else: their hash is the asset's code version."""
+        fam = family or self.student_family
+        views: dict[str, dict[str, Any]] = {
+            "folds": {"folds": self.folds},
+            "post_pretrain": {"model": self.families[fam], "post_pretrain": self.post_pretrain, "fmt": self.fmt},
+            "teacher": {"model": self.families[fam], "teacher": self.teacher, "fmt": self.fmt},
+            "teacher_oof": {"fmt": self.fmt, "infer_batch": self.infer.batch_size},
+            "student": {"model": self.families[self.student_family], "student": self.student, "fmt": self.fmt},
+            "baseline": {"model": self.families[self.student_family], "student": self.baseline, "fmt": self.fmt},
+            "calibration": {"calibration": self.calibration},
+            "predict": {"fmt": self.fmt, "infer": self.infer},
+            "average": {"average": self.average, "calibration": self.calibration},
+            "quantize": {"quant": self.quant},
+            "tta": {"fmt": self.fmt, "infer": self.infer},
+            "ensemble": {"ensemble": self.ensemble},
+        }
+        if step not in views:
+            raise KeyError(f"unknown step {step!r}; known: {sorted(views)}")
+        return views[step]
+
+
+def settings_hash(obj: Any) -> str:
+    """A short stable hash of settings (pydantic models, dicts of them, plain values)."""
+
+    def plain(o: Any) -> Any:
+        if isinstance(o, BaseModel):
+            return o.model_dump(mode="json")
+        if isinstance(o, dict):
+            return {str(k): plain(v) for k, v in sorted(o.items())}
+        if isinstance(o, (list, tuple)):
+            return [plain(v) for v in o]
+        return o
+
+    blob = json.dumps({"v": STEP_VERSION, "s": plain(obj)}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load the settings file (YAML or TOML), apply nested ``overrides``, validate.
+
+    ``path`` None: ``$ARENA_SETTINGS`` if set, else ``./arena.yaml`` if present, else defaults.
+    Errors name the file and the offending key.
+    """
+    if path is None:
+        path = os.environ.get(SETTINGS_ENV) or ("arena.yaml" if Path("arena.yaml").exists() else None)
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"settings file {p} does not exist")
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{p}: the settings file must be a mapping at the top level")
+        base = p.resolve().parent
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    raw.setdefault("base_dir", str(base))
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ValueError(f"{path or 'settings'}: {loc}: {first['msg']}") from e
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

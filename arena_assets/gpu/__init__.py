@@ -1,0 +1,1 @@
+"""Model steps of the recipe: plain PyTorch/transformers/peft, no Dagster (runs anywhere)."""

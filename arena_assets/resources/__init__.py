@@ -1,0 +1,1 @@
+"""Dagster resources: settings, artifact store, compute (local, Slurm via submitit, k8s)."""
