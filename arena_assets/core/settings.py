@@ -269,6 +269,20 @@ class K8sSettings(_Frozen):
     env_secrets: dict[str, str] = {}
     """ENV_NAME -> "secret-name:key"; values are never read, only referenced."""
     service_account: str | None = None
+    env: dict[str, str] = {}
+    """Plain, non-secret environment for step pods (HF_HUB_OFFLINE, HF_HOME=/artifacts/.hf)."""
+    image_pull_policy: str = "IfNotPresent"
+    images: dict[str, str] = {}
+    """Per-step image overrides, e.g. {"quantize": "arena-assets:TAG-quant"} (the GPTQ env)."""
+    python: str = "python"
+    """Interpreter inside the image that runs ``arena_assets.core.remote``."""
+    shm_gb: int = 8
+    """Size of the in-memory /dev/shm volume (PyTorch data loaders and NCCL need more than 64M)."""
+    poll_s: float = 5.0
+    dry_run: bool = False
+    """Print and save the Job manifests instead of submitting them (see docs/kubernetes.md)."""
+    dry_run_execute: bool = True
+    """In a dry run, still execute the pod's command locally so the materialization completes."""
 
 
 class ComputeSettings(_Frozen):
