@@ -317,6 +317,21 @@ class SampleSettings(_Frozen):
     seed: int = 7
 
 
+class AutomationSettings(_Frozen):
+    """When Dagster re-materializes by itself (the code location reads these; steps never do).
+
+    ``cron``: the tick on which missing or stale partitions (code version changed) are
+    re-materialized; nothing current is retrained. ``observe_cron``: how often the raw input files
+    are hashed; a changed hash re-materializes their dependents (eager). ``running``: whether the
+    automation sensor starts enabled (off by default so ``dagster dev`` after the demo never trains
+    behind the user's back).
+    """
+
+    cron: str = "0 3 * * *"
+    observe_cron: str = "*/5 * * * *"
+    running: bool = False
+
+
 class Settings(_Frozen):
     """The one settings object. Defaults = the embedded CPU demo."""
 
@@ -339,6 +354,7 @@ class Settings(_Frozen):
     infer: InferSettings = InferSettings()
     ensemble: EnsembleSettings = EnsembleSettings()
     compute: ComputeSettings = ComputeSettings()
+    automation: AutomationSettings = AutomationSettings()
     base_dir: str = Field(default=".", exclude=True)
     """Folder that relative paths resolve against (the settings file's folder); not hashed."""
 
