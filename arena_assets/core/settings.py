@@ -265,7 +265,11 @@ class K8sSettings(_Frozen):
     artifact_pvc: str = "arena-artifacts"
     artifact_mount: str = "/artifacts"
     node_selector: dict[str, str] = {}
+    """Placement of steps that request GPUs (e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})."""
     tolerations: list[dict[str, Any]] = []
+    """Tolerations of steps that request GPUs (GPU nodes are usually tainted)."""
+    cpu_node_selector: dict[str, str] = {}
+    """Placement of steps with ``gpus: 0`` (calibration, averaging): they stay off GPU nodes."""
     env_secrets: dict[str, str] = {}
     """ENV_NAME -> "secret-name:key"; values are never read, only referenced."""
     service_account: str | None = None
