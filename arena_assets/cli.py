@@ -1,0 +1,139 @@
+"""``arena-assets`` command line: ``validate``, ``make-sample`` (and more subcommands registered
+in :data:`SUBCOMMANDS`).
+
+Why a registry: other parts add subcommands (``demo``) by adding one entry, ``name ->
+(add_arguments, run)``, without touching the parser logic. ``run(args) -> int`` returns the exit
+code. Every data-contract failure exits 2 with its one-line message on stderr; nothing heavy
+(torch, dagster) is imported until a subcommand needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+EXIT_CONTRACT = 2
+
+
+def _fmt_summary(label: str, s: dict[str, Any]) -> list[str]:
+    lines = [f"{label}: {s['rows']} rows"]
+    if "label_mean" in s:
+        bal = ", ".join(f"{k.removeprefix('winner_')} {v:.3f}" for k, v in s["label_mean"].items())
+        lines.append(f"  label balance: {bal}" + (f" ({s['soft_label_rows']} soft rows)" if s.get("soft_label_rows") else ""))
+    if "turns" in s:
+        t = s["turns"]
+        lines.append(f"  turns per row: mean {t['mean']}, max {t['max']}, multi-turn rows {t['multi_turn_rows']}")
+    lc = s["longest_cell"]
+    lines.append(f"  longest cell: {lc['chars']} chars ({lc['column']}, id {lc['id']}); empty turns: {s['empty_turns']}")
+    if "sources" in s:
+        lines.append("  sources: " + ", ".join(f"{k} {v}" for k, v in s["sources"].items()))
+    return lines
+
+
+# ------------------------------------------------------------------------------- validate
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="train.csv (Kaggle format)")
+    p.add_argument("--test", default=None, help="test.csv (Kaggle format)")
+    p.add_argument("--external", default=None, help="external preference data (csv, jsonl, parquet)")
+    p.add_argument("--out", default=None, help="also write the normalized parquet tables here")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _validate_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from arena_assets.core.contract import read_external, summarize, validate_files, write_table
+
+    ext = None
+    if args.external:
+        # read (and so validate) everything before writing anything
+        ext = read_external(args.external)
+    result = validate_files(args.train, args.test, out_dir=args.out)
+    if ext is not None:
+        result["external"] = summarize(ext)
+        if args.out:
+            result.setdefault("written", []).append(str(write_table(ext, Path(args.out) / "external.parquet")))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    lines = _fmt_summary(f"train {args.train}", result["train"])
+    if "test" in result:
+        lines += _fmt_summary(f"test {args.test}", result["test"])
+        lines.append(f"  ids shared by train and test: {result['train_test_id_overlap']}")
+    if "external" in result:
+        lines += _fmt_summary(f"external {args.external}", result["external"])
+    for w in result.get("written", []):
+        lines.append(f"wrote {w}")
+    lines.append("OK: valid")
+    print("\n".join(lines))
+    return 0
+
+
+# ------------------------------------------------------------------------------- make-sample
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, default=2000, help="train rows")
+    p.add_argument("--test-rows", type=int, default=None, help="test rows (default rows/4)")
+    p.add_argument("--external-rows", type=int, default=None, help="external rows (default 2*rows)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _sample_run(args: argparse.Namespace) -> int:
+    from arena_assets.core.sample import make_sample
+
+    if args.rows < 0:
+        raise ValueError("--rows must be >= 0")
+    test_rows = args.test_rows if args.test_rows is not None else max(args.rows // 4, 1)
+    ext_rows = args.external_rows if args.external_rows is not None else 2 * args.rows
+    r = make_sample(args.out, train_rows=args.rows, test_rows=test_rows, external_rows=ext_rows, seed=args.seed)
+    print(
+        f"wrote {r['train']}, {r['test']}, {r['external']}, {r['truth']}\n"
+        f"rows: {r['rows']}\n"
+        f"test log-loss: Bayes {r['bayes_logloss_test']:.4f}, prior {r['prior_logloss_test']:.4f}"
+    )
+    return 0
+
+
+SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
+    "validate": ("check train/test (and external) files against the data contract", _validate_args, _validate_run),
+    "make-sample": ("write the known-answer sample (train/test/external.csv, truth.json)", _sample_args, _sample_run),
+}
+"""name -> (help, add_arguments, run). Add a subcommand by adding an entry."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arena-assets", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``arena-assets`` console script; returns the exit code."""
+    import logging
+
+    from arena_assets.core.contract import ContractError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args))
+    except ContractError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONTRACT
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONTRACT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
