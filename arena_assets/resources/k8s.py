@@ -177,9 +177,11 @@ def build_job(
         # Step pods never talk to the API server; the orchestrator does.
         "automount_service_account_token": False,
     }
-    if k8s.node_selector:
-        pod_spec["node_selector"] = dict(k8s.node_selector)
-    if k8s.tolerations:
+    # GPU placement only for steps that use GPUs: a calibration pod must not hold a GPU node.
+    selector = k8s.node_selector if needs.gpus else k8s.cpu_node_selector
+    if selector:
+        pod_spec["node_selector"] = dict(selector)
+    if needs.gpus and k8s.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in k8s.tolerations]
     user_config = UserDefinedDagsterK8sConfig(
         container_config={
@@ -321,7 +323,7 @@ class K8sBackend:
         instead, and only the local execution of a dry run uses ``python``.
         """
         k8s = self.settings
-        run_id = str(getattr(context, "run_id", None) or "no-run")
+        run_id = _run_id(context)
         partition = _partition_key(context)
         out_dir = Path(out_dir)
         job_name = k8s_job_name(step, partition, run_id, salt=str(out_dir))
@@ -478,6 +480,11 @@ class K8sBackend:
         result = StepResult.read(out_dir)
         result.info["compute"] = facts
         return result
+
+
+def _run_id(context: Any) -> str:
+    run = getattr(context, "run", None)
+    return str(getattr(run, "run_id", None) or "no-run")
 
 
 def _partition_key(context: Any) -> str | None:
