@@ -1,0 +1,37 @@
+"""Jobs mirroring the seed's helper scripts.
+
+- ``arena_pipeline``: every recipe asset. Launch it as an asset backfill (UI "Materialize all",
+  all partitions) so Dagster orders the per-fold and all-fold steps; ``arena-assets demo`` does the
+  same stage by stage.
+- ``student_fold_chain``: one fold's student train -> calibrate -> predict (the seed's
+  ``job_distill.sh``), partitioned; it needs ``teacher_oof`` (all folds) to exist.
+- ``baseline_student_job``: the CE-only student (the seed's ``job.sh``), partitioned.
+- ``teachers_job``: every family's teacher and its OOF probabilities, partitioned.
+"""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, define_asset_job
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
+from arena_assets.assets import recipe as r
+from arena_assets.core.settings import Settings
+
+
+def build_jobs(settings: Settings) -> list[UnresolvedAssetJobDefinition]:
+    parts = r.fold_partitions(settings)
+    teacher_keys = [k for f in settings.teacher_families for k in (r.teacher_key(f), r.teacher_probs_key(f))]
+    return [
+        define_asset_job("arena_pipeline", selection=AssetSelection.all(),
+                         description="The whole recipe (launch as a backfill of all partitions)."),
+        define_asset_job("student_fold_chain", partitions_def=parts,
+                         selection=AssetSelection.assets(r.STUDENT_MODEL, r.STUDENT_CALIBRATION,
+                                                         r.STUDENT_FOLD_SUBMISSION),
+                         description="One fold's student: train -> calibrate -> predict (job_distill.sh)."),
+        define_asset_job("baseline_student_job", partitions_def=parts,
+                         selection=AssetSelection.assets(r.BASELINE_STUDENT),
+                         description="The CE-only student (the seed's job.sh)."),
+        define_asset_job("teachers_job", partitions_def=parts,
+                         selection=AssetSelection.assets(*teacher_keys),
+                         description="Every teacher family's fold model and OOF probabilities."),
+    ]
