@@ -443,7 +443,7 @@ class _Ctx:
     def __init__(self, context: Any) -> None:
         self.context = context
         run = getattr(context, "run", None) or getattr(context, "dagster_run", None)
-        self.run_id = str(getattr(context, "run_id", None) or getattr(run, "run_id", None) or f"adhoc-{secrets.token_hex(4)}")
+        self.run_id = str(getattr(run, "run_id", None) or getattr(context, "run_id", None) or f"adhoc-{secrets.token_hex(4)}")
         self.root_run_id = str(getattr(run, "root_run_id", None) or self.run_id)
         self.asset_key = "_"
         try:
