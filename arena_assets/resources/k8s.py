@@ -329,6 +329,10 @@ class K8sBackend:
         job_name = k8s_job_name(step, partition, run_id, salt=str(out_dir))
         call = call_file(self.root, run_id, job_name)
         mount = k8s.artifact_mount
+        outside = _paths_outside(list(args) + list(kwargs.values()), self.root)
+        if outside:
+            _log(context, "warning", f"k8s: step {step} gets paths outside the artifact root {self.root}; "
+                 f"its pod will not see them: {outside[:3]}")
         remote.write_call(
             call,
             fn,
@@ -447,7 +451,13 @@ class K8sBackend:
             api.delete_job(name, ns)
             raise
         facts["elapsed_s"] = round(time.time() - t0, 3)
-        if not ok:
+        if ok:
+            # Shared file systems (NFS) may cache a directory listing for up to a minute: give the
+            # pod's result a moment to become visible here before calling the step failed.
+            deadline = time.time() + 60
+            while not (out_dir / "result.json").exists() and time.time() < deadline:
+                time.sleep(1)
+        else:
             try:
                 pods = api.get_pod_names_in_job(name, ns)
                 facts["log_tail"] = api.retrieve_pod_logs(pods[-1], ns)[-4000:] if pods else ""
@@ -480,6 +490,19 @@ class K8sBackend:
         result = StepResult.read(out_dir)
         result.info["compute"] = facts
         return result
+
+
+def _paths_outside(values: list[Any], root: Path) -> list[str]:
+    """Absolute paths handed to a step that do not lie under the artifact root (pods see only it)."""
+    found: list[str] = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            found += _paths_outside(list(v), root)
+        elif isinstance(v, dict):
+            found += _paths_outside(list(v.values()), root)
+        elif isinstance(v, Path) and v.is_absolute() and not v.is_relative_to(root):
+            found.append(str(v))
+    return found
 
 
 def _run_id(context: Any) -> str:

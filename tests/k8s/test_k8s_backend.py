@@ -154,3 +154,14 @@ def test_a_materialization_prints_the_jobs_it_would_submit(root: Path, capfd: py
     assert manifest["metadata"]["name"].startswith("arena-predict-1-")
     assert Path(facts["call"]).parent.name == seen["run_id"]
     assert facts["manifest"] and "kind: Job" in capfd.readouterr().out
+
+
+def test_paths_outside_the_artifact_root_are_reported(root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A pod sees only the artifact volume: an input elsewhere is named in a warning."""
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("4")
+    backend = K8sBackend(_k8s(dry_run=True), root)
+    with caplog.at_level("WARNING", logger="arena_assets.resources.k8s"):
+        res = backend.run(None, "tta", scale_step, [1.0, elsewhere], {}, root / "s" / "_" / "v1", StepNeeds())
+    assert res.metrics["total"] == pytest.approx(4.0)
+    assert str(elsewhere) in caplog.text and "will not see" in caplog.text
