@@ -290,7 +290,7 @@ def _decode_texts(df: pd.DataFrame, where: Callable[[int], str]) -> dict[str, li
     out: dict[str, list[list[str]]] = {}
     for c in TEXT_COLS:
         raw = df[c].tolist()
-        df.drop(columns=[c], inplace=True)
+        del df[c]
         out[c] = _parse_text_column(raw, where, c)
         del raw
     return out
