@@ -169,6 +169,7 @@ def main() -> int:
         "cli_exit_code": cli.returncode,
         "repeats": [round(r["validate_s"], 3) for r in runs],
         "cpu_s": round(float(np.median([r["cpu_s"] for r in runs])), 3),
+        "mb_per_cpu_s": round(mb / float(np.median([r["cpu_s"] for r in runs])), 1),
         "load_avg_1min_at_end": round(load, 2),
         "note": "seconds = median wall time of validate_files in a fresh process (imports excluded); "
         "peak_mb = that process's VmHWM, interpreter and imports included; the machine's 2 cores "

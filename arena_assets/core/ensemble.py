@@ -41,16 +41,26 @@ def validate_submission(df: pd.DataFrame, test_ids: Iterable[str] | None = None,
         raise ContractError(f"{name}: columns must be {SUBMISSION_COLS} ({what}; found {cols})")
     ids = df["id"].astype(str).tolist()
     p = df[LABEL_COLS].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    for i in range(len(df)):
-        row = p[i]
-        if np.isnan(row).any():
-            c = LABEL_COLS[int(np.flatnonzero(np.isnan(row))[0])]
-            raise ContractError(f"{name} row {i + 1} (id {ids[i]}): {c} is NaN or not a number")
-        if (row < 0).any() or (row > 1).any():
-            raise ContractError(f"{name} row {i + 1} (id {ids[i]}): probabilities {row.tolist()} must be in [0, 1]")
-        s = row.sum()
-        if abs(s - 1.0) > LABEL_SUM_TOL:
-            raise ContractError(f"{name} row {i + 1} (id {ids[i]}): {'+'.join(LABEL_COLS)} = {s:.10g}, must be 1")
+    problems: list[tuple[int, str]] = []
+    nan_rows = np.flatnonzero(np.isnan(p).any(axis=1))
+    if nan_rows.size:
+        i = int(nan_rows[0])
+        c = LABEL_COLS[int(np.flatnonzero(np.isnan(p[i]))[0])]
+        problems.append((i, f"{c} is NaN or not a number"))
+    with np.errstate(invalid="ignore"):
+        out_rows = np.flatnonzero(((p < 0) | (p > 1)).any(axis=1))
+        sums = p.sum(axis=1)
+        off_rows = np.flatnonzero(np.abs(sums - 1.0) > LABEL_SUM_TOL)
+    if out_rows.size:
+        i = int(out_rows[0])
+        problems.append((i, f"probabilities {p[i].tolist()} must be in [0, 1]"))
+    if off_rows.size:
+        i = int(off_rows[0])
+        if not np.isnan(sums[i]):
+            problems.append((i, f"{'+'.join(LABEL_COLS)} = {sums[i]:.10g}, must be 1"))
+    if problems:
+        i, msg = min(problems, key=lambda x: x[0])
+        raise ContractError(f"{name} row {i + 1} (id {ids[i]}): {msg}")
     seen: dict[str, int] = {}
     for i, v in enumerate(ids):
         if v in seen:
