@@ -24,8 +24,8 @@ counting the header, plus the id when known) and the column, e.g.
 Speed: the real train.csv (57k rows, 184 MB) validates in a few seconds: the CSV is tokenized by
 the pandas C engine (which, unlike ``pyarrow.csv``, reports an unterminated quote instead of
 accepting it), labels are checked vectorised, and each text cell costs one C-level ``json.loads``.
-Columns are decoded one at a time, replacing the raw strings, to keep the peak memory near 2x the
-file (``benchmarks/bench_validate.py`` measures it).
+Columns are decoded one at a time, replacing the raw strings, which keeps the peak memory at about
+2.6x the file, interpreter included (``benchmarks/bench_validate.py`` measures it).
 """
 
 from __future__ import annotations
