@@ -12,44 +12,12 @@ from pathlib import Path
 from typing import Any
 
 LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
-SUB_COLS = ["id", *LABELS]
 STRATIFY_TOL = 0.05
 
 
-def fold_of_ids(folds: Any) -> dict[str, int]:
-    """Normalize a fold assignment (what ``core.folds.read_folds`` returns) to ``{id: fold}``.
-
-    Accepts ``{id: fold}``, ``{fold: [ids]}``, an object with ``.fold_of`` / ``.folds`` / ``.ids``,
-    or a DataFrame with ``id`` and ``fold`` columns.
-    """
-    if hasattr(folds, "columns") and "id" in folds.columns and "fold" in folds.columns:
-        return {str(i): int(f) for i, f in zip(folds["id"], folds["fold"])}
-    for attr in ("fold_of", "assignment"):
-        if hasattr(folds, attr):
-            return fold_of_ids(getattr(folds, attr))
-    if isinstance(folds, Mapping):
-        if "fold_of" in folds:
-            return fold_of_ids(folds["fold_of"])
-        if "ids" in folds and "folds" in folds:
-            return {str(i): int(f) for i, f in zip(folds["ids"], folds["folds"])}
-        if "folds" in folds:
-            return fold_of_ids(folds["folds"])
-        vals = list(folds.values())
-        if vals and isinstance(vals[0], (list, tuple)):
-            out: dict[str, int] = {}
-            dup: list[str] = []
-            for f, ids in folds.items():
-                for i in ids:
-                    if str(i) in out:
-                        dup.append(str(i))
-                    out[str(i)] = int(f)
-            if dup:
-                raise ValueError(f"{len(dup)} ids in more than one fold, e.g. {dup[:3]}")
-            return out
-        return {str(i): int(f) for i, f in folds.items()}
-    if isinstance(folds, (list, tuple)):  # list of id lists, index = fold
-        return fold_of_ids({k: ids for k, ids in enumerate(folds)})
-    raise TypeError(f"cannot read a fold assignment from {type(folds).__name__}")
+def fold_of_ids(folds: Mapping[str, int]) -> dict[str, int]:
+    """``{id: fold}`` with string ids and int folds (what ``core.folds.read_folds`` returns)."""
+    return {str(i): int(f) for i, f in folds.items()}
 
 
 def fold_sizes(fold_of: Mapping[str, int]) -> dict[int, int]:
@@ -122,41 +90,22 @@ def teacher_oof_metrics(oof: Any, train: Any) -> dict[str, float]:
 
 
 def submission_valid(path: str | Path, test_ids: Sequence[str]) -> tuple[bool, dict[str, Any]]:
-    """Columns, ids equal to the test ids (each once), rows sum to 1, no NaN, probabilities in [0, 1]."""
-    import numpy as np
+    """The data contract's validator (core.ensemble): columns, ids equal to the test ids (each
+    once), probabilities in [0, 1] summing to 1, no NaN."""
     import pandas as pd
+
+    from arena_assets.core.contract import ContractError
+    from arena_assets.core.ensemble import validate_submission
 
     p = Path(path)
     if not p.exists():
-        return False, {"error": f"{p} does not exist"}
-    df = pd.read_csv(p, dtype={"id": str})
-    problems: list[str] = []
-    if list(df.columns) != SUB_COLS:
-        problems.append(f"columns {list(df.columns)} != {SUB_COLS}")
-    else:
-        ids = df["id"].astype(str).tolist()
-        if len(ids) != len(set(ids)):
-            problems.append("duplicate ids")
-        if set(ids) != {str(i) for i in test_ids}:
-            problems.append(f"ids differ from the test ids ({len(set(ids) ^ {str(i) for i in test_ids})} differ)")
-        v = df[LABELS].to_numpy(dtype=float)
-        if np.isnan(v).any():
-            problems.append("NaN probabilities")
-        elif (v < 0).any() or (v > 1).any():
-            problems.append("probabilities outside [0, 1]")
-        elif not np.allclose(v.sum(axis=1), 1.0, atol=1e-4):
-            problems.append(f"rows do not sum to 1 (max deviation {float(np.abs(v.sum(axis=1) - 1).max()):.2e})")
-    try:  # the data contract's own validator, when it has one, must agree
-        from arena_assets.core import ensemble as core_ensemble
-
-        errs = core_ensemble.validate_submission(df, list(test_ids))
-        if errs:
-            problems += [str(e) for e in (errs if isinstance(errs, (list, tuple)) else [errs])]
-    except (ImportError, AttributeError):
-        pass
-    except (ValueError, AssertionError) as e:
-        problems.append(str(e))
-    return not problems, {"rows": int(len(df)), "problems": "; ".join(problems) or "none", "path": str(p)}
+        return False, {"problem": f"{p} does not exist"}
+    df = pd.read_csv(p, dtype={"id": str}, keep_default_na=False, na_values=[""])
+    try:
+        validate_submission(df, [str(i) for i in test_ids], name=p.name)
+    except ContractError as e:
+        return False, {"rows": int(len(df)), "problem": str(e), "path": str(p)}
+    return True, {"rows": int(len(df)), "problem": "none", "path": str(p)}
 
 
 def class_prior_logloss(train: Any, valid: Any) -> float:

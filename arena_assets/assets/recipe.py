@@ -186,8 +186,8 @@ def build_recipe_assets(settings: Settings, automation: dict[str, Any] | None = 
         s = settings.get()
         m = Materialization.begin(s, FOLD_ASSIGNMENTS, None, folds_cv)
         train = contract.read_table(m.read(TRAIN_TABLE) / "table.parquet")
-        assignment = folds.make_folds(train, s.folds)
-        name = folds.folds_filename(s.folds)
+        assignment = folds.make_folds(train, s.folds.n_folds, s.folds.seed, s.folds.group_by_prompt)
+        name = folds.folds_filename(s.folds.n_folds, s.folds.seed)
         with staged_dir(m.out_dir) as tmp:
             folds.write_folds(assignment, tmp / name)
         m.commit()
@@ -216,7 +216,7 @@ def build_recipe_assets(settings: Settings, automation: dict[str, Any] | None = 
         m = Materialization.begin(s, FOLD_DATA, str(k), folds_cv)
         train = contract.read_table(m.read(TRAIN_TABLE) / "table.parquet")
         fa = m.read(FOLD_ASSIGNMENTS)
-        assignment = folds.read_folds(fa / folds.folds_filename(s.folds))
+        assignment = folds.read_folds(fa / folds.folds_filename(s.folds.n_folds, s.folds.seed))
         tr, va = folds.split_fold(train, assignment, k)
         with staged_dir(m.out_dir) as tmp:
             contract.write_table(tr, tmp / "train.parquet")
