@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
-    BetaWarning,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
@@ -36,6 +35,11 @@ from arena_assets.assets.common import Materialization, dir_size_mb, md_table, s
 from arena_assets.core.settings import Settings, settings_hash
 from arena_assets.resources.compute import ComputeResource
 from arena_assets.resources.settings import SettingsResource
+
+# Beta/preview APIs used on purpose: observable sources (file hash = data version) and
+# partitioned check specs (one check result per fold).
+warnings.filterwarnings("ignore", message=".*observable_source_asset.*")
+warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
 GPU_POOL = "gpu"
 TABLES_VERSION = settings_hash({"step": "tables", "contract": 1})
@@ -95,7 +99,6 @@ def build_recipe_assets(settings: Settings, automation: dict[str, Any] | None = 
 
     # ------------------------------------------------------------------ raw sources
     def raw_source(key: AssetKey, attr: str, description: str) -> SourceAsset:
-        warnings.filterwarnings("ignore", category=BetaWarning, message=".*observable_source_asset.*")
 
         @observable_source_asset(key=key, description=description, group_name="inputs",
                                  automation_condition=auto.get("observe"))
@@ -390,17 +393,23 @@ def build_recipe_assets(settings: Settings, automation: dict[str, Any] | None = 
         res = compute.run(context, "calibration", calibrate, preds, va, s.calibration, out_dir=m.out_dir)
         m.commit()
         cal = _read_json(m.out_dir / "calibration.json")
+        # --- plots (assets/plots.py): this fold's reliability diagram, before/after the temperature
+        from arena_assets.assets.plots import reliability_metadata
+
+        rel = reliability_metadata(preds, va, float(cal.get("temperature", 1.0)), title=f"student fold {k}")
+        # --- end plots
         return MaterializeResult(metadata=m.metadata(
             res, fold=k, temperature=float(cal.get("temperature", 1.0)),
-            nll_before=float(cal.get("nll_before", float("nan"))), nll_after=float(cal.get("nll_after", float("nan")))))
+            nll_before=float(cal.get("nll_before", float("nan"))), nll_after=float(cal.get("nll_after", float("nan"))),
+            **rel))
 
     @asset(key=STUDENT_FOLD_SUBMISSION, deps=[STUDENT_MODEL, STUDENT_CALIBRATION, FOLD_DATA, TEST_TABLE],
            partitions_def=parts, code_version=cv_p, group_name="student", pool=GPU_POOL,
            automation_condition=cron, kinds={"csv"},
            check_specs=[
-               AssetCheckSpec("submission_valid", asset=STUDENT_FOLD_SUBMISSION, blocking=True,
+               AssetCheckSpec("submission_valid", asset=STUDENT_FOLD_SUBMISSION, blocking=True, partitions_def=parts,
                               description="Columns, ids equal the test ids, rows sum to 1, no NaN."),
-               AssetCheckSpec("beats_class_prior", asset=STUDENT_FOLD_SUBMISSION, blocking=False,
+               AssetCheckSpec("beats_class_prior", asset=STUDENT_FOLD_SUBMISSION, blocking=False, partitions_def=parts,
                               description="Calibrated fold log-loss below the class-prior log-loss (warning)."),
            ],
            description="One fold's test predictions, OOF predictions and CV log-loss (before/after calibration).")
@@ -551,6 +560,11 @@ def build_recipe_assets(settings: Settings, automation: dict[str, Any] | None = 
         )
         if info.get("oof_logloss") is not None:
             md["oof_logloss"] = float(info["oof_logloss"])
+        # --- plots (assets/plots.py): per-fold CV log-loss chart and inline text bars
+        from arena_assets.assets.plots import cv_logloss_metadata
+
+        md.update(cv_logloss_metadata(info["fold_logloss"], info.get("fold_logloss_raw")))
+        # --- end plots
         return MaterializeResult(metadata=md, check_results=[
             AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)])
 
