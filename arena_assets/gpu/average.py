@@ -95,7 +95,9 @@ def _load_adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
 def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(adapter_dir) / ADAPTER_CONFIG
     if not p.exists():
-        raise FileNotFoundError(f"{adapter_dir}: not a peft adapter directory (no {ADAPTER_CONFIG})")
+        raise FileNotFoundError(
+            f"{adapter_dir}: not a peft adapter directory (no {ADAPTER_CONFIG})"
+        )
     return json.loads(p.read_text())
 
 
@@ -160,7 +162,11 @@ def check_same_init(tensors: Sequence[dict[str, Any]], names: Sequence[str]) -> 
         if not a_keys:
             break
         cos = [
-            float(torch.nn.functional.cosine_similarity(ref[k].float().flatten(), t[k].float().flatten(), dim=0))
+            float(
+                torch.nn.functional.cosine_similarity(
+                    ref[k].float().flatten(), t[k].float().flatten(), dim=0
+                )
+            )
             for k in a_keys
         ]
         med = statistics.median(cos)
@@ -180,7 +186,9 @@ def _check_same_tensors(tensors: Sequence[dict[str, Any]], names: Sequence[str])
     for name, t in zip(names[1:], tensors[1:]):
         if set(t) != set(ref):
             diff = sorted(set(t) ^ set(ref))[:5]
-            raise AdapterMismatchError(f"{name} and {names[0]} hold different tensors (e.g. {diff})")
+            raise AdapterMismatchError(
+                f"{name} and {names[0]} hold different tensors (e.g. {diff})"
+            )
         bad = [k for k in ref if tuple(ref[k].shape) != tuple(t[k].shape)]
         if bad:
             raise AdapterMismatchError(
@@ -208,18 +216,48 @@ def _file_digest(p: Path) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Loading the base
 # --------------------------------------------------------------------------------------------
+BASE_POINTER = "arena_base.json"
+"""A base directory that only points at a real checkpoint (gpu/models.py writes it)."""
+SPEC_FILE = "arena_spec.json"
+
+
+def _read_spec(directory: Path) -> Any:
+    from arena_assets.core.settings import ModelSpec
+
+    f = directory / SPEC_FILE
+    return ModelSpec.model_validate_json(f.read_text()) if f.exists() else None
+
+
 def _load_base(path: str | os.PathLike[str]):
-    """The base sequence classifier in its saved dtype, on CPU, eager attention for Gemma-2
-    (sdpa drops its softcapping; merging itself does not care, the probe forward does)."""
+    """The base sequence classifier for merging: UNQUANTIZED (a QLoRA spec's 4/8-bit base would
+    make the merge lossy), in the spec's dtype (else the saved one), on CPU, eager attention for
+    Gemma-2 (sdpa drops its softcapping; the merge does not care, the probe forward does).
+    A pointer directory (``arena_base.json``) is followed to the real checkpoint."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(path)
-    kwargs: dict[str, Any] = {"dtype": "auto"}
+    p = Path(path)
+    spec = _read_spec(p)
+    if (p / BASE_POINTER).exists():
+        p = Path(json.loads((p / BASE_POINTER).read_text())["path"])
+    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    kwargs: dict[str, Any] = {
+        "dtype": spec.dtype if spec is not None else "auto",
+        "local_files_only": True,
+    }
     if str(getattr(config, "model_type", "")).startswith("gemma"):
         kwargs["attn_implementation"] = "eager"
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(p, **kwargs)
     model.eval()
     return model
+
+
+def write_plain_spec(src: Path, dst: Path) -> None:
+    """Copy ``arena_spec.json`` with ``quantize_base="none"``: a merged (or quantized) model is
+    loaded as saved, never re-quantized through the training spec's QLoRA setting."""
+    spec = _read_spec(src)
+    if spec is not None:
+        spec = spec.model_copy(update={"quantize_base": "none"})
+        (dst / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
 
 
 def _probe_inputs(model, n: int = 2, length: int = 16, seed: int = 0):
@@ -242,7 +280,10 @@ def _logits(model, inputs) -> Any:
 # Step 6a: average
 # --------------------------------------------------------------------------------------------
 def average_adapters(
-    adapter_dirs: Sequence[str | os.PathLike[str]], cfg: AverageSettings, *, out_dir: str | os.PathLike[str]
+    adapter_dirs: Sequence[str | os.PathLike[str]],
+    cfg: AverageSettings,
+    *,
+    out_dir: str | os.PathLike[str],
 ) -> StepResult:
     """Average the fold adapters. ``mean_adapters`` → ``adapter/`` (paths key ``adapter``);
     ``mean_deltas`` → ``model/`` (a full merged model, paths key ``model``).
@@ -257,14 +298,15 @@ def average_adapters(
         result.info.update({"method": cfg.method, "n_adapters": len(dirs), "adapter_dirs": names})
         tok_digests = {_file_digest(d / "tokenizer.json") for d in dirs}
         if len(tok_digests) > 1:
-            result.notes.append("fold adapters carry different tokenizer.json files; fold 0's is used")
+            result.notes.append(
+                "fold adapters carry different tokenizer.json files; fold 0's is used"
+            )
         if cfg.method == "mean_adapters":
             _mean_adapters(dirs, names, tmp, result)
         elif cfg.method == "mean_deltas":
             _mean_deltas(dirs, tmp, result)
         else:  # pragma: no cover - pydantic already restricts it
             raise ValueError(f"unknown average method {cfg.method!r}")
-    result.out_dir = str(out_dir)
     return result
 
 
@@ -286,10 +328,13 @@ def _mean_adapters(dirs: list[Path], names: list[str], tmp: Path, result: StepRe
     shutil.copy2(dirs[0] / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
     copied = _copy_side_files(dirs[0], out, skip={*ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md"})
     n_params = sum(int(v.numel()) for v in mean.values())
-    log.info("averaged %d adapters (%d tensors, %d values) into %s", len(dirs), len(mean), n_params, out)
+    log.info(
+        "averaged %d adapters (%d tensors, %d values) into %s", len(dirs), len(mean), n_params, out
+    )
     result.paths["adapter"] = "adapter"
-    result.metrics.update({"n_adapters": float(len(dirs)), "n_tensors": float(len(mean)),
-                           "n_values": float(n_params)})
+    result.metrics.update(
+        {"n_adapters": float(len(dirs)), "n_tensors": float(len(mean)), "n_values": float(n_params)}
+    )
     if cos:
         result.metrics["min_lora_A_cosine"] = float(min(cos.values()))
     result.info["lora_A_cosine_to_fold0"] = cos
@@ -308,8 +353,10 @@ def _mean_deltas(dirs: list[Path], tmp: Path, result: StepResult) -> None:
     t0 = time.time()
     acfg = read_adapter_config(dirs[0])
     if acfg.get("use_dora"):
-        raise AdapterMismatchError("mean_deltas does not support DoRA adapters (not a linear delta); "
-                                   "use average.method=mean_adapters")
+        raise AdapterMismatchError(
+            "mean_deltas does not support DoRA adapters (not a linear delta); "
+            "use average.method=mean_adapters"
+        )
     base_path = acfg["base_model_name_or_path"]
     base = _load_base(base_path)
     names = [f"fold{i}" for i in range(len(dirs))]
@@ -323,7 +370,7 @@ def _mean_deltas(dirs: list[Path], tmp: Path, result: StepResult) -> None:
     heads: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for mod_name, mod in model.named_modules():
-            short = mod_name[len(prefix):] if mod_name.startswith(prefix) else mod_name
+            short = mod_name.removeprefix(prefix)
             if isinstance(mod, LoraLayer):
                 acc = None
                 for n in names:
@@ -349,11 +396,22 @@ def _mean_deltas(dirs: list[Path], tmp: Path, result: StepResult) -> None:
     out = tmp / "model"
     merged.save_pretrained(out)
     copied = _copy_side_files(dirs[0], out, skip={*ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md"})
-    log.info("mean of %d folds' weight deltas (%d LoRA layers, %d heads) into %s",
-             len(dirs), len(deltas), len(heads), out)
+    write_plain_spec(dirs[0], out)
+    log.info(
+        "mean of %d folds' weight deltas (%d LoRA layers, %d heads) into %s",
+        len(dirs),
+        len(deltas),
+        len(heads),
+        out,
+    )
     result.paths["model"] = "model"
-    result.metrics.update({"n_adapters": float(len(dirs)), "n_lora_layers": float(len(deltas)),
-                           "n_heads": float(len(heads))})
+    result.metrics.update(
+        {
+            "n_adapters": float(len(dirs)),
+            "n_lora_layers": float(len(deltas)),
+            "n_heads": float(len(heads)),
+        }
+    )
     result.info.update({"base_model": str(base_path), "copied_files": copied})
     result.timings["average_s"] = round(time.time() - t0, 3)
 
@@ -361,7 +419,9 @@ def _mean_deltas(dirs: list[Path], tmp: Path, result: StepResult) -> None:
 # --------------------------------------------------------------------------------------------
 # Step 6b: merge + merged temperature
 # --------------------------------------------------------------------------------------------
-def merged_temperature(temperatures: Sequence[float], cfg: CalibrationSettings) -> tuple[float, str]:
+def merged_temperature(
+    temperatures: Sequence[float], cfg: CalibrationSettings
+) -> tuple[float, str]:
     """The merged model's temperature and the rule that gave it (documented default: the mean
     of the fold temperatures)."""
     temps = [float(t) for t in temperatures]
@@ -420,9 +480,15 @@ def merge_adapter(
             diff = float((before - after).abs().max())
             merged.save_pretrained(out)
             _copy_side_files(src, out, skip={*ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md"})
+            write_plain_spec(src, out)
             result.metrics["merge_max_abs_diff"] = diff
-            result.info.update({"source": "adapter", "base_model": acfg["base_model_name_or_path"],
-                                "dtype": str(next(merged.parameters()).dtype)})
+            result.info.update(
+                {
+                    "source": "adapter",
+                    "base_model": acfg["base_model_name_or_path"],
+                    "dtype": str(next(merged.parameters()).dtype),
+                }
+            )
             log.info("merged %s into its base (max |logit diff| on a probe %.2e)", src, diff)
             del model, merged, base
             if torch.cuda.is_available():  # pragma: no cover - GPU only
@@ -439,5 +505,4 @@ def merge_adapter(
         result.metrics["temperature"] = temp
         result.info["temperature_rule"] = rule
         result.timings["merge_s"] = round(time.time() - t0, 3)
-    result.out_dir = str(out_dir)
     return result

@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from arena_assets.core.results import StepResult  # noqa: E402
-from arena_assets.core.settings import AverageSettings, CalibrationSettings  # noqa: E402
-from arena_assets.gpu import average  # noqa: E402
+from arena_assets.core.results import StepResult
+from arena_assets.core.settings import AverageSettings, CalibrationSettings
+from arena_assets.gpu import average
 
 WORDS = [f"w{i}" for i in range(120)]
 N_FOLDS = 5
@@ -32,21 +32,38 @@ def build_base(path: Path) -> Path:
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                     padding_side="left", model_max_length=64)
+    tok.train_from_iterator(
+        [" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"])
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        padding_side="left",
+        model_max_length=64,
+    )
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=hf_tok.vocab_size, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                          num_labels=3, pad_token_id=hf_tok.pad_token_id, attn_implementation="eager")
+    config = Gemma2Config(
+        vocab_size=hf_tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_labels=3,
+        pad_token_id=hf_tok.pad_token_id,
+        attn_implementation="eager",
+    )
     model = Gemma2ForSequenceClassification(config)
     model.save_pretrained(path)
     hf_tok.save_pretrained(path)
     return path
 
 
-def make_adapter(base_dir: Path, out: Path, *, seed: int = 1234, r: int = 8, train_seed: int = 0,
-                 alpha: int = 16) -> Path:
+def make_adapter(
+    base_dir: Path, out: Path, *, seed: int = 1234, r: int = 8, train_seed: int = 0, alpha: int = 16
+) -> Path:
     """A LoRA adapter as a fold's training would leave it: init from ``seed`` (the fold-shared
     init seed), then A perturbed a little and B made non-zero from ``train_seed`` (the fold's
     training), score head in modules_to_save and changed too."""
@@ -54,8 +71,13 @@ def make_adapter(base_dir: Path, out: Path, *, seed: int = 1234, r: int = 8, tra
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, attn_implementation="eager")
-    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, target_modules="all-linear",
-                     lora_dropout=0.0)
+    cfg = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        lora_alpha=alpha,
+        target_modules="all-linear",
+        lora_dropout=0.0,
+    )
     torch.manual_seed(seed)
     model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(10_000 + train_seed)
@@ -87,7 +109,7 @@ def _inputs(tok_dir: Path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    texts = [" ".join(WORDS[i: i + 12]) for i in range(0, 60, 7)]
+    texts = [" ".join(WORDS[i : i + 12]) for i in range(0, 60, 7)]
     return tok(texts, return_tensors="pt", padding=True)
 
 
@@ -104,14 +126,18 @@ def _peft_logits(base_dir: Path, adapter_dir: Path, inputs) -> torch.Tensor:
 def _full_logits(model_dir: Path, inputs) -> torch.Tensor:
     from transformers import AutoModelForSequenceClassification
 
-    m = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
+    m = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         return m(**inputs).logits
 
 
 def test_mean_of_identical_adapters_is_that_adapter(setup, tmp_path):
-    root, base, adapters = setup
-    res = average.average_adapters([adapters[0]] * N_FOLDS, AverageSettings(), out_dir=tmp_path / "v1")
+    _root, base, adapters = setup
+    res = average.average_adapters(
+        [adapters[0]] * N_FOLDS, AverageSettings(), out_dir=tmp_path / "v1"
+    )
     assert isinstance(res, StepResult)
     out = res.path("adapter")
     assert (out / "adapter_config.json").exists() and (out / "tokenizer.json").exists()
@@ -122,13 +148,17 @@ def test_mean_of_identical_adapters_is_that_adapter(setup, tmp_path):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-7)
     # and it behaves as that adapter
     x = _inputs(base)
-    torch.testing.assert_close(_peft_logits(base, out, x), _peft_logits(base, adapters[0], x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        _peft_logits(base, out, x), _peft_logits(base, adapters[0], x), rtol=0, atol=1e-6
+    )
     assert StepResult.read(tmp_path / "v1").paths["adapter"] == "adapter"
 
 
 def test_mean_adapters_is_elementwise_mean(setup, tmp_path):
     _, _, adapters = setup
-    res = average.average_adapters(adapters, AverageSettings(method="mean_adapters"), out_dir=tmp_path / "v")
+    res = average.average_adapters(
+        adapters, AverageSettings(method="mean_adapters"), out_dir=tmp_path / "v"
+    )
     got = average._load_adapter_tensors(res.path("adapter"))
     folds = [average._load_adapter_tensors(a) for a in adapters]
     for k in got:
@@ -151,7 +181,9 @@ def test_merge_matches_unmerged_and_writes_mean_temperature(setup, tmp_path):
         p.parent.mkdir()
         p.write_text(json.dumps({"temperature": t, "nll_before": 1.0, "nll_after": 0.9}))
         cal_files.append(p)
-    res = average.merge_adapter(avg.path("adapter"), cal_files, CalibrationSettings(), out_dir=tmp_path / "m")
+    res = average.merge_adapter(
+        avg.path("adapter"), cal_files, CalibrationSettings(), out_dir=tmp_path / "m"
+    )
     model_dir = res.path("model")
     assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
     assert not (model_dir / "adapter_config.json").exists()
@@ -164,8 +196,14 @@ def test_merge_matches_unmerged_and_writes_mean_temperature(setup, tmp_path):
     assert cal["rule"] == "mean" and cal["fold_temperatures"] == temps
     assert cal["temperature"] == pytest.approx(sum(temps) / len(temps))
     # median rule and "none"
-    assert average.merged_temperature(temps, CalibrationSettings(merged_temperature="median")) == (1.1, "median")
-    assert average.merged_temperature(temps, CalibrationSettings(merged_temperature="none")) == (1.0, "none")
+    assert average.merged_temperature(temps, CalibrationSettings(merged_temperature="median")) == (
+        1.1,
+        "median",
+    )
+    assert average.merged_temperature(temps, CalibrationSettings(merged_temperature="none")) == (
+        1.0,
+        "none",
+    )
 
 
 def test_mean_deltas_equals_mean_of_merged_models(setup, tmp_path):
@@ -174,7 +212,9 @@ def test_mean_deltas_equals_mean_of_merged_models(setup, tmp_path):
 
     _, base, adapters = setup
     folds = adapters[:3]
-    res = average.average_adapters(folds, AverageSettings(method="mean_deltas"), out_dir=tmp_path / "d")
+    res = average.average_adapters(
+        folds, AverageSettings(method="mean_deltas"), out_dir=tmp_path / "d"
+    )
     model_dir = res.path("model")
     got = AutoModelForSequenceClassification.from_pretrained(model_dir).state_dict()
     merged_sds = []
@@ -192,7 +232,9 @@ def test_mean_deltas_equals_mean_of_merged_models(setup, tmp_path):
     # differs from the plain mean of adapters (mean(B)@mean(A) != mean(B@A))
     plain = average.average_adapters(folds, AverageSettings(), out_dir=tmp_path / "p")
     x = _inputs(base)
-    assert not torch.allclose(_peft_logits(base, plain.path("adapter"), x), _full_logits(model_dir, x), atol=1e-6)
+    assert not torch.allclose(
+        _peft_logits(base, plain.path("adapter"), x), _full_logits(model_dir, x), atol=1e-6
+    )
     # merge_adapter passes a full model through and still writes the temperature
     m = average.merge_adapter(model_dir, [1.0, 2.0], CalibrationSettings(), out_dir=tmp_path / "m")
     torch.testing.assert_close(_full_logits(m.path("model"), x), _full_logits(model_dir, x))
