@@ -1,0 +1,227 @@
+"""Inference: teacher OOF (step 4), fold submissions, and TTA inference of the final model (step 8).
+
+Batches are sorted by token length and padded per batch only (dynamic padding), so a length-sorted
+run spends almost nothing on pad tokens. TTA: the model sees each row as given and with A and B
+exchanged; the swapped logits are mapped back (A<->B columns) and the two logit vectors averaged
+(equivalently a normalised geometric mean of the two probability vectors). This makes the output
+exactly mirror-symmetric: predicting a swapped row gives the swapped probabilities. Calibration
+divides the averaged logits by the fold's temperature before the softmax. The prediction table
+keeps the uncalibrated logits so any later calibration can start from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arena_assets.core.artifacts import atomic_path
+from arena_assets.core.results import StepResult, step_output
+from arena_assets.gpu.data import PadCollator, read_table
+from arena_assets.gpu.formatting import encode_rows, labels_of, swap_probs
+
+log = logging.getLogger(__name__)
+
+SUBMISSION_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+
+
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def predict_logits(
+    model: Any,
+    tokenizer: Any,
+    df: Any,
+    max_length: int,
+    prompt_max_tokens: int,
+    batch_size: int = 16,
+    swap: bool = False,
+    sort_by_length: bool = True,
+    desc: str = "predict",
+) -> np.ndarray:
+    """(n, 3) float64 logits of ``model`` for the rows of ``df`` (``swap``: A/B exchanged inputs,
+    logits returned in the swapped orientation)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tf = tokenizer.arena_format
+    ids = encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens, swap=swap)
+    n = len(ids)
+    order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(n)
+    collate = PadCollator(tokenizer.pad_token_id)
+    out = np.zeros((n, 3), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    dev = next(p.device for p in model.parameters())
+    try:
+        with torch.inference_mode():
+            for s in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=n <= batch_size * 4):
+                idx = order[s : s + batch_size]
+                batch = collate([{"input_ids": ids[i]} for i in idx])
+                logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+                out[idx] = logits.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: str = "tta") -> np.ndarray:
+    """Logits in the original orientation; with ``infer.tta`` the mean of original and swapped-back."""
+    kw = dict(
+        max_length=infer.max_length,
+        prompt_max_tokens=fmt.prompt_max_tokens,
+        batch_size=infer.batch_size,
+        sort_by_length=infer.sort_by_length,
+    )
+    z = predict_logits(model, tokenizer, df, desc=f"{desc} (original)", **kw)
+    if not infer.tta:
+        return z
+    zs = predict_logits(model, tokenizer, df, swap=True, desc=f"{desc} (A/B swapped)", **kw)
+    return 0.5 * (z + swap_probs(zs))
+
+
+def prediction_frame(ids: Any, logits: np.ndarray, temperature: float = 1.0) -> Any:
+    """The contract's prediction table: id, p_a, p_b, p_tie (calibrated), logit_* (raw)."""
+    import pandas as pd
+
+    p = softmax(logits, temperature)
+    return pd.DataFrame(
+        {
+            "id": [str(i) for i in ids],
+            "p_a": p[:, 0],
+            "p_b": p[:, 1],
+            "p_tie": p[:, 2],
+            "logit_a": logits[:, 0],
+            "logit_b": logits[:, 1],
+            "logit_tie": logits[:, 2],
+        }
+    )
+
+
+def write_parquet(df: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def write_submission(pred: Any, path: Path) -> None:
+    sub = pred.rename(columns={"p_a": "winner_model_a", "p_b": "winner_model_b", "p_tie": "winner_tie"})
+    with atomic_path(path) as tmp:
+        sub[SUBMISSION_COLUMNS].to_csv(tmp, index=False)
+
+
+def scores(pred: Any, df: Any) -> dict[str, float]:
+    """Log-loss and accuracy of a prediction table against the table's labels (core.metrics)."""
+    from arena_assets.core.metrics import accuracy, log_loss
+
+    y = labels_of(df)
+    p = pred[["p_a", "p_b", "p_tie"]].to_numpy(dtype=np.float64)
+    return {"logloss": log_loss(y, p), "accuracy": accuracy(y, p)}
+
+
+def read_temperature(calibration_json: str | os.PathLike[str] | None) -> float:
+    if calibration_json is None:
+        return 1.0
+    return float(json.loads(Path(calibration_json).read_text())["temperature"])
+
+
+def _load(model_dir: Any) -> tuple[Any, Any]:
+    from arena_assets.gpu.models import device, load_classifier, setup_torch
+
+    setup_torch(0)
+    model, tok = load_classifier(model_dir)
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        if getattr(model, "hf_quantizer", None) is None:
+            model.to(device())
+    return model, tok
+
+
+# --------------------------------------------------------------------------- steps
+def teacher_oof(model_dir: Any, fmt: Any, infer: Any, valid_table: Any, fold: int, family: str, *, out_dir: Any) -> StepResult:
+    """Step 4: a teacher's probabilities for its held-out fold -> ``oof.parquet`` (+ fold, family)."""
+    valid = read_table(valid_table)
+    model, tok = _load(model_dir)
+    with step_output(out_dir, "teacher_oof") as (tmp, res):
+        z = tta_logits(model, tok, valid, fmt, infer, desc=f"teacher {family} fold {fold}")
+        pred = prediction_frame(valid["id"], z)
+        pred["fold"] = int(fold)
+        pred["family"] = str(family)
+        write_parquet(pred, tmp / "oof.parquet")
+        if "winner_model_a" in valid.columns:
+            s = scores(pred, valid)
+            res.metrics.update(valid_logloss=s["logloss"], valid_accuracy=s["accuracy"])
+        res.paths["oof"] = "oof.parquet"
+        res.info.update(model=getattr(model, "arena_record", {}), rows=len(pred), tta=bool(infer.tta))
+    return StepResult.read(out_dir)
+
+
+def fold_submission(
+    model_dir: Any,
+    calibration_json: Any,
+    fmt: Any,
+    infer: Any,
+    valid_table: Any,
+    test_table: Any,
+    *,
+    out_dir: Any,
+) -> StepResult:
+    """A fold model's calibrated OOF (CV metrics) and test submission."""
+    valid, test = read_table(valid_table), read_table(test_table)
+    model, tok = _load(model_dir)
+    t = read_temperature(calibration_json) if infer.apply_calibration else 1.0
+    with step_output(out_dir, "predict") as (tmp, res):
+        zv = tta_logits(model, tok, valid, fmt, infer, desc="valid")
+        raw = scores(prediction_frame(valid["id"], zv), valid)
+        oof = prediction_frame(valid["id"], zv, t)
+        cal = scores(oof, valid)
+        write_parquet(oof, tmp / "oof.parquet")
+        zt = tta_logits(model, tok, test, fmt, infer, desc="test")
+        pred = prediction_frame(test["id"], zt, t)
+        write_submission(pred, tmp / "submission.csv")
+        write_parquet(pred, tmp / "predictions.parquet")
+        res.metrics.update(
+            cv_logloss_raw=raw["logloss"], cv_logloss=cal["logloss"], cv_accuracy=cal["accuracy"], temperature=t
+        )
+        res.paths.update(submission="submission.csv", oof="oof.parquet", predictions="predictions.parquet")
+        res.info.update(model=getattr(model, "arena_record", {}), tta=bool(infer.tta), test_rows=len(test))
+    return StepResult.read(out_dir)
+
+
+def tta_submission(
+    model_dir: Any,
+    calibration_json: Any,
+    fmt: Any,
+    infer: Any,
+    test_table: Any,
+    *,
+    out_dir: Any,
+    valid_table: Any = None,
+) -> StepResult:
+    """Step 8: TTA inference of a (merged, quantized) model -> ``submission.csv``, ``predictions.parquet``.
+
+    ``valid_table`` (optional) is scored too (``valid_logloss``); note that for the fold-averaged
+    model every train row was seen by four of the five folds, so this is not a CV estimate.
+    """
+    test = read_table(test_table)
+    model, tok = _load(model_dir)
+    t = read_temperature(calibration_json) if infer.apply_calibration else 1.0
+    with step_output(out_dir, "tta") as (tmp, res):
+        z = tta_logits(model, tok, test, fmt, infer, desc="tta test")
+        pred = prediction_frame(test["id"], z, t)
+        write_parquet(pred, tmp / "predictions.parquet")
+        write_submission(pred, tmp / "submission.csv")
+        res.metrics["temperature"] = t
+        if valid_table is not None:
+            valid = read_table(valid_table)
+            s = scores(prediction_frame(valid["id"], tta_logits(model, tok, valid, fmt, infer, desc="tta valid"), t), valid)
+            res.metrics.update(valid_logloss=s["logloss"], valid_accuracy=s["accuracy"])
+        res.paths.update(submission="submission.csv", predictions="predictions.parquet")
+        res.info.update(model=getattr(model, "arena_record", {}), tta=bool(infer.tta), rows=len(pred))
+    return StepResult.read(out_dir)

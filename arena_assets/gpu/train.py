@@ -1,0 +1,363 @@
+"""Teachers (step 3) and the distilled student (step 5) through the transformers Trainer.
+
+Both are sequence classifiers trained the same way; they differ in data and loss:
+
+* a teacher trains on its fold's train part (+ optional external rows) with label-smoothed CE;
+* a student trains on the fold's train part with :func:`arena_assets.gpu.losses.kd_loss` against
+  the teacher OOF probabilities of those rows (each from a teacher that never saw the row);
+  ``alpha=0`` (or no OOF) is the CE-only baseline, the same function.
+
+Why the Trainer (subclassed only for ``compute_loss``): length-grouped batches, gradient
+accumulation, cosine schedule with warm-up, bf16, gradient checkpointing and — above all —
+checkpoints that a re-run resumes from (optimizer, scheduler, RNG and data order included).
+
+Checkpoints: ``checkpoint_dir`` is chosen by the caller, keyed by step, fold, settings hash and
+input data version (:func:`checkpoint_dir_for`), so a re-run resumes and any change starts
+afresh in another directory. As a second guard the directory holds ``arena_fingerprint.json``
+(settings, base and data hash); a directory with another fingerprint is refused.
+
+LoRA: the adapter init is seeded with ``lora.init_seed`` right before ``get_peft_model`` so every
+fold starts from the SAME adapter (plain averaging of fold adapters needs it). Real bases may be
+loaded 4/8-bit (QLoRA) per their ``ModelSpec``; tiny bases use plain LoRA or full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arena_assets.core.artifacts import atomic_write_json
+from arena_assets.core.results import StepResult, step_output
+from arena_assets.gpu.data import PadCollator, PairDataset, encode_table, read_table, teacher_logits_for
+from arena_assets.gpu.formatting import LABEL_COLUMNS
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "arena_fingerprint.json"
+TABLE_COLUMNS = ["id", "prompt", "response_a", "response_b", *LABEL_COLUMNS]
+
+
+def checkpoint_dir_for(root: str | os.PathLike[str], step: str, fold: int | str, settings_hash: str, data_version: str) -> Path:
+    """``<root>/<step>/<fold>/<settings hash>-<data version>``: same inputs resume, changes don't."""
+    return Path(root) / step / str(fold) / f"{settings_hash}-{data_version}"
+
+
+# ----------------------------------------------------------------------------------- Trainer
+def _make_trainer_cls() -> Any:
+    from transformers import Trainer
+
+    from arena_assets.gpu.losses import kd_loss
+
+    class ArenaTrainer(Trainer):
+        """Trainer whose loss is :func:`kd_loss` (CE when no teacher); eval loss is plain CE,
+        i.e. the validation log-loss."""
+
+        def __init__(self, *args: Any, kd: dict[str, float], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.kd = kd
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            labels = inputs.pop("labels")
+            teacher = inputs.pop("teacher_logits", None)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            if model.training:
+                loss, _ = kd_loss(outputs.logits, labels, teacher, **self.kd)
+            else:
+                loss, _ = kd_loss(outputs.logits, labels, None, alpha=0.0, temperature=1.0)
+            return (loss, outputs) if return_outputs else loss
+
+    return ArenaTrainer
+
+
+def _training_args(cfg: Any, output_dir: str, save: bool, has_eval: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    eval_strategy = "steps" if (has_eval and cfg.eval_steps > 0) else "no"
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=max(cfg.per_device_batch_size, 16),
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_steps if eval_strategy == "steps" else None,
+        save_strategy="steps" if save else "no",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bool(cfg.bf16 and cuda),
+        fp16=bool(cfg.fp16 and cuda),
+        use_cpu=not cuda,
+        **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
+        dataloader_num_workers=cfg.dataloader_workers,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest ``checkpoint-N`` that finished saving (its trainer_state.json is written last)."""
+    best = None
+    for d in folder.glob("checkpoint-*"):
+        try:
+            n = int(d.name.split("-")[-1])
+        except ValueError:
+            continue
+        if (d / "trainer_state.json").exists() and (best is None or n > best[0]):
+            best = (n, d)
+    return str(best[1]) if best else None
+
+
+def _data_hash(ds: PairDataset) -> str:
+    h = hashlib.sha256()
+    for x in ds.input_ids:
+        h.update(np.asarray(x, dtype=np.int32).tobytes())
+        h.update(b"|")
+    if ds.labels is not None:
+        h.update(np.ascontiguousarray(ds.labels, dtype=np.float32).tobytes())
+    if ds.teacher_logits is not None:
+        h.update(np.ascontiguousarray(ds.teacher_logits, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_fingerprint(ckpt: Path, fingerprint: dict[str, Any]) -> None:
+    f = ckpt / FINGERPRINT
+    if f.exists():
+        old = json.loads(f.read_text())
+        if old != fingerprint:
+            raise ValueError(
+                f"checkpoint dir {ckpt} belongs to other settings or data "
+                f"({ {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v} }); "
+                "key checkpoint_dir by settings hash and data version (train.checkpoint_dir_for)"
+            )
+    else:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(f, fingerprint)
+
+
+# ----------------------------------------------------------------------------------- model prep
+def prepare_model(base_dir: str | os.PathLike[str], lora: Any, cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the base for training; wrap it in LoRA (seeded init) or leave it fully trainable."""
+    import torch
+
+    from arena_assets.gpu.models import device, load_classifier, param_count
+
+    model, tok = load_classifier(Path(base_dir).resolve())  # its arena_spec.json says how
+    info: dict[str, Any] = {"base": getattr(model, "arena_record", {})}
+    kbit = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    if lora.enabled:
+        from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+        if kbit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        lcfg = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
+        torch.manual_seed(lora.init_seed)  # the same adapter init in every fold (averaging needs it)
+        model = get_peft_model(model, lcfg)
+        info["lora"] = {"r": lora.r, "alpha": lora.alpha, "init_seed": lora.init_seed, "qlora": kbit}
+    elif kbit:
+        raise ValueError("full fine-tuning of a 4/8-bit base is impossible: enable LoRA or load the base unquantized")
+    if not kbit:
+        model.to(device())
+    info.update(param_count(model))
+    return model, tok, info
+
+
+# ----------------------------------------------------------------------------------- the fit
+def fit(
+    step: str,
+    model: Any,
+    tok: Any,
+    cfg: Any,
+    train_ds: PairDataset,
+    valid_ds: PairDataset | None,
+    kd: dict[str, float],
+    checkpoint_dir: str | os.PathLike[str] | None,
+    fingerprint: dict[str, Any],
+) -> tuple[Any, dict[str, Any]]:
+    """Run the Trainer (resuming from ``checkpoint_dir`` if it holds a complete checkpoint)."""
+    from arena_assets.gpu.models import setup_torch
+
+    setup_torch(cfg.seed)
+    scratch = None
+    if checkpoint_dir is not None:
+        ckpt = Path(checkpoint_dir)
+        fingerprint = {**fingerprint, "data": _data_hash(train_ds)}
+        _check_fingerprint(ckpt, fingerprint)
+        output_dir, resume = str(ckpt), _last_complete_checkpoint(ckpt)
+    else:
+        scratch = tempfile.mkdtemp(prefix=f"arena-{step}-")
+        output_dir, resume = scratch, None
+    args = _training_args(cfg, output_dir, save=checkpoint_dir is not None, has_eval=valid_ds is not None)
+    trainer = _make_trainer_cls()(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=valid_ds,
+        data_collator=PadCollator(tok.pad_token_id),
+        processing_class=tok,
+        kd=kd,
+    )
+    info: dict[str, Any] = {"resumed_from": resume}
+    if resume:
+        log.info("%s: resuming from %s", step, resume)
+        info["resumed_global_step"] = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+    try:
+        out = trainer.train(resume_from_checkpoint=resume)
+        info["train_loss"] = float(out.training_loss)
+        info["global_step"] = int(trainer.state.global_step)
+        if valid_ds is not None:
+            ev = trainer.evaluate()
+            info["final_eval_loss"] = float(ev["eval_loss"])
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    info["history"] = trainer.state.log_history
+    return trainer, info
+
+
+def _fit_classifier(
+    step: str,
+    base_dir: Any,
+    cfg: Any,
+    lora: Any,
+    fmt: Any,
+    rows: Any,
+    valid: Any,
+    kd: dict[str, float],
+    teacher: np.ndarray | None,
+    out_dir: Any,
+    checkpoint_dir: Any,
+    extra_info: dict[str, Any],
+) -> StepResult:
+    from arena_assets.gpu.models import read_spec, save_classifier, write_spec
+    from arena_assets.gpu.predict import predict_logits, prediction_frame, scores, write_parquet
+
+    model, tok, minfo = prepare_model(base_dir, lora, cfg.train)
+    tcfg = cfg.train
+    tf = tok.arena_format
+    train_ds = encode_table(rows, tok, tf, tcfg.max_length, fmt.prompt_max_tokens, teacher_logits=teacher)
+    valid_ds = encode_table(valid, tok, tf, tcfg.max_length, fmt.prompt_max_tokens)
+    fingerprint = {
+        "step": step,
+        "settings": json.loads(cfg.model_dump_json()),
+        "fmt": json.loads(fmt.model_dump_json()),
+        "base": str(Path(base_dir).resolve()),
+    }
+    with step_output(out_dir, step) as (tmp, res):
+        trainer, tinfo = fit(step, model, tok, tcfg, train_ds, valid_ds, kd, checkpoint_dir, fingerprint)
+        history = tinfo.pop("history")
+        model = trainer.model
+        z = predict_logits(model, tok, valid, tcfg.max_length, fmt.prompt_max_tokens, batch_size=32, desc=f"{step} valid")
+        pred = prediction_frame(valid["id"], z)
+        write_parquet(pred, tmp / "valid_predictions.parquet")
+        s = scores(pred, valid)
+        save_classifier(model, tok, tf, tmp / "model")
+        write_spec(read_spec(base_dir), tmp / "model")  # how to load it (dtype, attention, QLoRA)
+        atomic_write_json(tmp / "history.json", history)
+        res.metrics.update(valid_logloss=s["logloss"], valid_accuracy=s["accuracy"], train_loss=tinfo["train_loss"])
+        res.paths.update(model="model", valid_predictions="valid_predictions.parquet", history="history.json")
+        res.info.update(model=minfo, train=tinfo, train_rows=len(train_ds), valid_rows=len(valid_ds), **extra_info)
+        log.info("%s: valid log-loss %.4f, accuracy %.3f", step, s["logloss"], s["accuracy"])
+    return StepResult.read(out_dir)
+
+
+def _rows(df: Any) -> Any:
+    return df[[c for c in TABLE_COLUMNS if c in df.columns]].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------- steps
+def train_teacher(
+    base_dir: Any,
+    cfg: Any,
+    fmt: Any,
+    train_table: Any,
+    valid_table: Any,
+    external: Any,
+    *,
+    out_dir: Any,
+    checkpoint_dir: Any = None,
+) -> StepResult:
+    """Step 3: one teacher for one fold and family (fold's train part + optional external rows)."""
+    import pandas as pd
+
+    train, valid = read_table(train_table), read_table(valid_table)
+    rows, n_ext = _rows(train), 0
+    if cfg.use_external and external is not None:
+        ext = _rows(read_table(external))
+        if cfg.max_external_rows is not None and len(ext) > cfg.max_external_rows:
+            ext = ext.sample(n=cfg.max_external_rows, random_state=cfg.train.seed)
+        overlap = set(ext["id"].astype(str)) & set(valid["id"].astype(str))
+        if overlap:
+            raise ValueError(f"{len(overlap)} external rows share ids with the validation fold")
+        n_ext = len(ext)
+        rows = pd.concat([rows, ext], ignore_index=True)
+    kd = {"alpha": 0.0, "temperature": 1.0, "label_smoothing": cfg.train.label_smoothing}
+    return _fit_classifier(
+        "teacher", base_dir, cfg, cfg.lora, fmt, rows, valid, kd, None, out_dir, checkpoint_dir,
+        {"external_rows": n_ext},
+    )
+
+
+def train_student(
+    base_dir: Any,
+    cfg: Any,
+    fmt: Any,
+    train_table: Any,
+    valid_table: Any,
+    teacher_oof: Any,
+    *,
+    out_dir: Any,
+    checkpoint_dir: Any = None,
+) -> StepResult:
+    """Step 5: the KD student of one fold (``teacher_oof`` None or alpha=0: the CE-only baseline)."""
+    train, valid = read_table(train_table), read_table(valid_table)
+    rows = _rows(train)
+    k = cfg.kd
+    use_kd = teacher_oof is not None and (k.alpha > 0 or k.mse_weight > 0 or k.cos_weight > 0)
+    teacher, extra = None, {"kd": use_kd}
+    if use_kd:
+        oof = read_table(teacher_oof)
+        teacher, fams, folds = teacher_logits_for(oof, rows["id"].tolist(), k.teacher_families)
+        vid = set(valid["id"].astype(str))
+        vfolds = set(oof.loc[oof["id"].astype(str).isin(vid), "fold"].astype(int)) if "fold" in oof else set()
+        if vfolds and np.isin(folds, list(vfolds)).any():
+            raise ValueError(
+                f"teacher OOF folds {sorted(vfolds)} of this validation fold also cover train rows: "
+                "the OOF and the fold assignment disagree (teacher probs would leak)"
+            )
+        extra.update(teacher_families=fams)
+    kdd = {
+        "alpha": k.alpha if use_kd else 0.0,
+        "temperature": k.temperature,
+        "label_smoothing": k.label_smoothing,
+        "mse_weight": k.mse_weight if use_kd else 0.0,
+        "cos_weight": k.cos_weight if use_kd else 0.0,
+    }
+    return _fit_classifier("student", base_dir, cfg, cfg.lora, fmt, rows, valid, kdd, teacher, out_dir, checkpoint_dir, extra)
