@@ -110,6 +110,13 @@ class Materialization:
             if result.notes:
                 md["notes"] = MetadataValue.md("\n".join(f"- {n}" for n in result.notes))
             md["step_wall_s"] = float(result.timings.get("wall_s", 0.0))
+            # --- plots (assets/plots.py): every training step's train/validation loss curves
+            if "history" in result.paths:
+                from arena_assets.assets.plots import loss_curves_metadata
+
+                where = f" fold {self.partition}" if self.partition is not None else ""
+                md.update(loss_curves_metadata(result.path("history"), f"{self.key}{where}"))
+            # --- end plots
         md.update(extra)
         return md
 
