@@ -14,6 +14,9 @@ the logit change on calibration rows).
     can differ. optimum quantizes only the decoder blocks, so ``score`` stays a plain fp
     ``nn.Linear`` (checked, not assumed). The calibration data is removed from the saved
     ``config.json`` (optimum would otherwise store every calibration text in it).
+    GPTQModel packs weights into 32-bit words, so every quantized Linear needs in/out features
+    divisible by 32; smaller toy models are refused up front (:func:`gptq_shape_problem`) and
+    fall back to bnb8 with that reason recorded.
     Why GPTQModel and not auto-gptq: auto-gptq 0.7.1 cannot even be imported under transformers 5
     (``cannot import name 'no_init_weights'``); transformers 5 supports GPTQ only through GPTQModel.
     Why its own environment: GPTQModel 7.6.0 requires protobuf>=7.34 and Dagster requires
@@ -222,6 +225,28 @@ def _check_head(model: Any, head: str, original: Any) -> dict[str, Any]:
     }
 
 
+def gptq_shape_problem(model: Any, head: str) -> str | None:
+    """GPTQModel packs weights into 32-bit words: every Linear it quantizes (all but the head)
+    needs in_features and out_features divisible by 32. Tiny test models (hidden 32, one KV head
+    of 16) are not, so GPTQ is refused up front with the offending modules named."""
+    import torch
+
+    bad = [
+        f"{n} ({m.in_features}x{m.out_features})"
+        for n, m in model.named_modules()
+        if type(m) is torch.nn.Linear
+        and n != head
+        and not n.startswith(head + ".")
+        and (m.in_features % 32 or m.out_features % 32)
+    ]
+    if not bad:
+        return None
+    return (
+        f"GPTQModel needs in/out features divisible by 32; {len(bad)} linear layers are not "
+        f"(e.g. {', '.join(bad[:3])})"
+    )
+
+
 def _count_quantized(model: Any) -> dict[str, int]:
     import torch
 
@@ -242,11 +267,17 @@ def _count_quantized(model: Any) -> dict[str, int]:
 # The methods
 # --------------------------------------------------------------------------------------------
 def _quantize_gptq(
-    model_dir: Path, out: Path, cfg: QuantSettings, examples: list[list[int]]
+    model_dir: Path,
+    out: Path,
+    cfg: QuantSettings,
+    examples: list[list[int]],
+    shape_problem: str | None = None,
 ) -> tuple[Any, dict]:
     reason = gptq_unavailable_reason()
     if reason:
         raise ModuleNotFoundError(reason)
+    if shape_problem:
+        raise ValueError(shape_problem)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, len(os.sched_getaffinity(0)))))
     if _dir_bytes(model_dir) < SMALL_MODEL_BYTES:
         os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
@@ -370,6 +401,7 @@ def quantize(
         head = _head_name(fp)
         original_head = getattr(fp, head).weight.detach().float().cpu().clone()
         fp_logits = _probe_logits(fp, probe)
+        shape_problem = gptq_shape_problem(fp, head) if "gptq" in cfg.methods else None
         del fp
         load_fp_s = time.time() - t0
 
@@ -381,7 +413,7 @@ def quantize(
             t0 = time.time()
             try:
                 if method == "gptq":
-                    model, info = _quantize_gptq(src, out, cfg, examples)
+                    model, info = _quantize_gptq(src, out, cfg, examples, shape_problem)
                 elif method == "bnb8":
                     model, info = _quantize_bnb8(src, out, cfg, head)
                 elif method == "none":

@@ -174,6 +174,33 @@ def test_quant_python_resolution(monkeypatch, tmp_path):
     )
 
 
+def test_gptq_shape_check(trained):
+    """GPTQModel packs 32-bit words: a model with a 16-wide KV projection is refused up front."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        Gemma2Config,
+        Gemma2ForSequenceClassification,
+    )
+
+    ok = AutoModelForSequenceClassification.from_pretrained(trained[0])
+    assert q.gptq_shape_problem(ok, "score") is None
+    small = Gemma2ForSequenceClassification(
+        Gemma2Config(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            num_labels=3,
+            pad_token_id=0,
+        )
+    )
+    msg = q.gptq_shape_problem(small, "score")
+    assert msg is not None and "k_proj (32x16)" in msg
+
+
 def test_bnb8_fallback_when_gptq_unavailable(trained, tmp_path, monkeypatch):
     """In the Dagster venv gptqmodel is absent (or made absent): GPTQ is attempted, fails with the
     reason recorded, and bitsandbytes int8 is taken with the head kept fp."""
