@@ -33,8 +33,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100)
     """(T, nll_before, nll_after) with nll_after <= nll_before."""
     import torch
 
-    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+    z = torch.tensor(np.asarray(logits, dtype=np.float64))
+    y = torch.tensor(np.asarray(labels, dtype=np.float64))
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 

@@ -46,6 +46,9 @@ FIT = TrainSettings(learning_rate=1e-3, per_device_batch_size=16, max_length=MAX
                     warmup_steps=2, logging_steps=5, save_steps=10)
 LORA = LoraSettings(r=8, alpha=16)
 TEACHER = TeacherSettings(train=FIT, lora=LORA, use_external=False)
+RESUME_TEACHER = TeacherSettings(
+    train=FIT.model_copy(update={"num_epochs": 3, "save_steps": 4, "eval_steps": 0}), lora=LORA, use_external=False
+)
 STUDENT = StudentSettings(train=FIT, lora=LORA, kd=KDSettings(alpha=0.5, temperature=2.0))
 
 
