@@ -4,12 +4,11 @@ Why not ``build_schedule_from_partitioned_job``: it requests EVERY partition on 
 (python-stack.md), i.e. retrains what is current. Declarative automation evaluates each partition:
 
 - ``observe``: the raw input files are observed (hashed) on ``automation.observe_cron``;
-- ``eager`` (cheap data assets: tables, folds, teacher OOF table, ensemble): re-materialize when
-  an upstream's data version changes (a changed input file), or when newly missing;
-- ``cron`` (model steps): on each ``automation.cron`` tick, re-materialize only partitions that
-  are missing, whose code version (settings hash) changed, or whose inputs were updated since
-  they were last handled; never one that is current. Input changes therefore reach the models
-  on the next cron tick instead of retraining mid-day.
+- every asset: ``eager`` — re-materialize when an upstream's data version changes (a changed
+  input file, or an upstream re-materialized in the same tick), or when newly missing;
+- OR on each ``automation.cron`` tick, re-materialize the partitions that are missing or whose
+  code version (settings hash) changed since they were last handled; never one that is current.
+  Their dependents follow in the same tick (``eager`` sees the upstream being requested).
 
 All conditions are evaluated by one automation sensor, off by default (``automation.running``)
 so that opening the UI after the demo never starts training behind the user's back.
@@ -40,10 +39,12 @@ def conditions(settings: Settings) -> dict[str, Any]:
         & ~AutomationCondition.any_deps_missing()
         & not_busy
     ).with_label(f"on cron {a.cron}: missing or stale partitions only")
+    asset_condition = (AutomationCondition.eager() | cron).with_label(
+        f"eager on input changes | on cron {a.cron}: missing or stale only")
     return {
         "observe": AutomationCondition.cron_tick_passed(a.observe_cron).with_label(f"observe on {a.observe_cron}"),
-        "eager": AutomationCondition.eager(),
-        "cron": cron,
+        "eager": asset_condition,
+        "cron": asset_condition,
     }
 
 
