@@ -103,8 +103,11 @@ class Materialization:
             comp = result.info.get("compute", {})
             md["backend"] = str(comp.get("backend", "local")) + (f"/{comp['mode']}" if comp.get("mode") else "")
             if comp.get("job_id") is not None:
-                md["slurm_job_id"] = str(comp["job_id"])
-            facts = {k: v for k, v in comp.items() if k in ("state", "node", "elapsed", "max_rss", "pod", "exit_code")}
+                md["slurm_job_id" if comp.get("backend") == "slurm" else "job_id"] = str(comp["job_id"])
+            if comp.get("job_name") and comp.get("backend") == "k8s":
+                md["k8s_job"] = str(comp["job_name"])
+            facts = {k: v for k, v in comp.items()
+                     if k in ("state", "node", "elapsed", "max_rss_mb", "pod", "exit_code", "namespace", "job_name")}
             if facts:
                 md["compute_facts"] = MetadataValue.json(_jsonable(facts))
             if result.notes:
