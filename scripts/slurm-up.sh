@@ -9,6 +9,9 @@
 # - DefMemPerCPU: without it every job takes the node's whole memory and jobs run one at a time.
 # - EnforcePartLimits=ALL: an impossible request is refused at submit instead of pending forever.
 # - batch_sched_delay=0,sched_min_interval: schedules short jobs/arrays about 3x faster.
+# - AuthInfo=cred_expire=10: a requeued job (Checkpointable step at its time limit) waits this
+#   long before it may start again; the default 120 s makes every requeue cost 2 minutes.
+# - JobAcctGatherType=jobacct_gather/linux: sacct's MaxRSS per job (read from /proc, no cgroups).
 # - proctrack/linuxproc + task/none: no cgroups needed (containers, CI machines).
 #
 # Idempotent: exits 0 at once when slurmctld is already running. Run as root.
@@ -44,6 +47,7 @@ ClusterName=$CLUSTER
 SlurmctldHost=$H
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
@@ -60,7 +64,7 @@ DefMemPerCPU=1024
 EnforcePartLimits=ALL
 ReturnToService=2
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000,bf_interval=5
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/linux

@@ -76,5 +76,9 @@ def slurm_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slurm_cluste
     monkeypatch.setenv("ARENA_SETTINGS", str(path))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
-    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # Runs launched from the CLI (a backfill) start at once, without the daemon's queue.
+    (tmp_path / "dagster_home" / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\n"
+        "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
+    )
     return path

@@ -64,3 +64,8 @@ def _compute() -> ComputeResource:
 
 fold_demo_job = dg.define_asset_job("fold_demo_job", selection=[fold_demo])
 defs = dg.Definitions(assets=[fold_demo], jobs=[fold_demo_job], resources={"compute": _compute()})
+
+
+def get_job() -> dg.JobDefinition:
+    """The resolved job, for ``reconstructable`` (re-execution of a run from Python)."""
+    return defs.resolve_job_def("fold_demo_job")
