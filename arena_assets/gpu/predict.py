@@ -73,8 +73,30 @@ def predict_logits(
     return out
 
 
+def _use_fast(model: Any) -> bool:
+    """On CUDA, ``gpu/fast.py``'s token-budget TTA pass (same arithmetic, bf16 rounding aside);
+    ``ARENA_FAST_INFER=0`` turns it off."""
+    if os.environ.get("ARENA_FAST_INFER", "1") == "0":
+        return False
+    try:
+        dev = next(p.device for p in model.parameters())
+    except StopIteration:  # pragma: no cover
+        return False
+    if dev.type != "cuda":
+        return False
+    try:
+        import arena_assets.gpu.fast  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: str = "tta") -> np.ndarray:
     """Logits in the original orientation; with ``infer.tta`` the mean of original and swapped-back."""
+    if _use_fast(model):
+        from arena_assets.gpu.fast import tta_logits_fast
+
+        return tta_logits_fast(model, tokenizer, df, infer.max_length, fmt.prompt_max_tokens, tta=bool(infer.tta))
     kw = dict(
         max_length=infer.max_length,
         prompt_max_tokens=fmt.prompt_max_tokens,
