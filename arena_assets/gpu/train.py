@@ -108,12 +108,24 @@ def _training_args(cfg: Any, output_dir: str, save: bool, has_eval: bool) -> Any
         use_cpu=not cuda,
         **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
         dataloader_num_workers=cfg.dataloader_workers,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        **_length_grouping(cfg.group_by_length),
         remove_unused_columns=False,
         label_names=["labels"],
         report_to="none",
         disable_tqdm=False,
     )
+
+
+def _length_grouping(on: bool) -> dict[str, Any]:
+    """transformers >= 5.2x: ``train_sampling_strategy``; older 5.x: ``group_by_length``."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length" if on else "random"}
+    return {"group_by_length": on}
 
 
 def _last_complete_checkpoint(folder: Path) -> str | None:
