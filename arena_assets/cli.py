@@ -100,9 +100,22 @@ def _sample_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from arena_assets import demo
+
+    demo.add_arguments(p)
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    from arena_assets import demo
+
+    return demo.main(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "validate": ("check train/test (and external) files against the data contract", _validate_args, _validate_run),
     "make-sample": ("write the known-answer sample (train/test/external.csv, truth.json)", _sample_args, _sample_run),
+    "demo": ("run the whole recipe on the bundled sample into a persistent DAGSTER_HOME", _demo_args, _demo_run),
 }
 """name -> (help, add_arguments, run). Add a subcommand by adding an entry."""
 

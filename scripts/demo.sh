@@ -19,6 +19,6 @@ fi
 
 export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.arena/dagster_home}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/python -c "import sys, argparse; from arena_assets import demo; p = argparse.ArgumentParser(prog='arena-assets demo'); demo.add_arguments(p); sys.exit(demo.main(p.parse_args(sys.argv[1:])))" "$@"
+.venv/bin/arena-assets demo "$@"
 echo
 echo "Browse the history:  DAGSTER_HOME=$DAGSTER_HOME .venv/bin/dagster dev -h 127.0.0.1"

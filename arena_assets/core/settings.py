@@ -206,8 +206,10 @@ class QuantSettings(_Frozen):
     methods: list[Literal["gptq", "bnb8", "none"]] = ["gptq", "bnb8", "none"]
     bits: int = 8
     group_size: int = 128
-    n_calibration: int = 128
-    calibration_max_length: int = 2100
+    n_calibration: int = 32
+    """1st place: 128 calibration texts (settings/first_place.example.yaml)."""
+    calibration_max_length: int = 256
+    """1st place: seqlen 2100."""
     python: str | None = None
     """Interpreter of the GPTQ environment (GPTQModel pins protobuf>=7, Dagster <7).
     None: ``$ARENA_QUANT_PYTHON`` or ``.venv-quant/bin/python`` when present."""
