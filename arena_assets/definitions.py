@@ -29,8 +29,14 @@ def build_definitions(settings_path: str | None = None, overrides: dict[str, Any
         path = os.path.abspath(path)  # run workers may start in another directory
     settings: Settings = load_settings(path, overrides)
     settings_res = SettingsResource(path=path, overrides_json=json.dumps(overrides) if overrides else "")
+    assets = build_recipe_assets(settings, conditions(settings))
+    # --- quality report (issue 8; assets/quality.py): on demand, not in the demo's waves
+    from arena_assets.assets.quality import build_quality_assets
+
+    assets += build_quality_assets(settings)
+    # --- end quality report
     return Definitions(
-        assets=build_recipe_assets(settings, conditions(settings)),
+        assets=assets,
         jobs=build_jobs(settings),
         sensors=[automation_sensor(settings)],
         resources={"settings": settings_res, "compute": ComputeResource(settings=settings_res)},

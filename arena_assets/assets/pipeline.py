@@ -42,6 +42,10 @@ def plan_waves(defs: Definitions, exclude: Iterable[AssetKey] = ()) -> list[Wave
     """Cut the materializable assets into alternating unpartitioned / partitioned waves."""
     graph = defs.resolve_asset_graph()
     excl = set(exclude)
+    # --- quality report (issue 8): assets tagged arena/on_demand (assets/quality.py) are
+    # materialized only when asked for by name, never in the default waves (demo, tests).
+    excl |= {k for k in graph.materializable_asset_keys if graph.get(k).tags.get("arena/on_demand") == "true"}
+    # --- end quality report
     todo = {k for k in graph.materializable_asset_keys if k not in excl}
     done: set[AssetKey] = set()
     waves: list[Wave] = []
