@@ -55,6 +55,9 @@ TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
     "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT",
 }
+REQUEUE_GRACE_S = {"PREEMPTED": 120.0, "NODE_FAIL": 120.0}
+"""States after which a cluster may requeue the job by itself (PreemptMode=REQUEUE, a node
+failure with requeue on): wait this long for it to come back before calling it terminal."""
 #: Slurm states of a job that is still (or again) on its way.
 LIVE_STATES = {
     "PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
@@ -282,6 +285,66 @@ class SlurmBackend:
             job, record = self._submit(ctx, step, fn, args, kwargs, out_dir, needs, python, key, rec_path)
         return self._follow(ctx, step, job, record, rec_path, out_dir, needs)
 
+    def map(
+        self,
+        context: Any,
+        step: str,
+        fn: Callable[..., StepResult],
+        calls: Sequence[tuple[Sequence[Any], dict[str, Any], Path]],
+        needs: StepNeeds,
+        python: str | None = None,
+    ) -> list[StepResult]:
+        """Run ``fn(*args, out_dir=out_dir, **kwargs)`` for every ``(args, kwargs, out_dir)`` as
+        ONE Slurm job array (submitit ``executor.batch()``): one sbatch for a whole fold sweep in
+        a single run, scheduled in one go. Results come back in order; if any task fails, the
+        Failure lists every failed task (with its traceback) after all tasks have ended.
+
+        Unlike :meth:`run`, array tasks are not recorded for re-attachment (a retried run
+        resubmits the array).
+        """
+        from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+        ctx = _Ctx(context)
+        if not calls:
+            return []
+        token = secrets.token_hex(4)
+        job_name = f"arena-{re.sub(r'[^A-Za-z0-9_-]+', '-', step)}-{token}"
+        folder = self.run_folder(ctx.root_run_id) / f"{time.strftime('%Y%m%dT%H%M%S')}-{token}"
+        ex = self.executor(folder, job_name, needs, python)
+        outs = [Path(o).absolute() for _, _, o in calls]
+        submitted_at = time.time()
+        try:
+            with ex.batch():
+                jobs = [
+                    ex.submit(CheckpointableStep(fn) if kw.get("checkpoint_dir") is not None else fn, *a, out_dir=o, **kw)
+                    for (a, kw, _), o in zip(calls, outs)
+                ]
+        except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as e:
+            raise _failure(
+                f"Slurm refused the {step} job array at submit: {_submit_reason(e)}",
+                {"backend": "slurm", "step": step, "state": "REFUSED", "needs": needs.model_dump()},
+            ) from e
+        records = [
+            JobRecord(key=f"{step}[{i}]", job_id=str(j.job_id), job_name=job_name, out_dir=str(o), folder=str(folder),
+                      submitted_at=submitted_at, run_id=ctx.run_id)
+            for i, (j, o) in enumerate(zip(jobs, outs))
+        ]
+        ctx.info(f"submitted Slurm job array {str(jobs[0].job_id).split('_')[0]} ({job_name}): {len(jobs)} tasks of {step}")
+        tails = self._wait(ctx, [(j, r, None) for j, r in zip(jobs, records)])
+        results: list[StepResult] = []
+        errors: list[str] = []
+        for j, r, t, o in zip(jobs, records, tails, outs):
+            try:
+                results.append(self._finish(ctx, step, j, r, None, o, needs, t))
+            except Exception as e:  # dagster.Failure: collect, report all at once
+                errors.append(getattr(e, "description", None) or str(e))
+        if errors:
+            raise _failure(
+                f"{len(errors)} of {len(jobs)} tasks of the {step} job array failed:\n\n" + "\n\n".join(errors),
+                {"backend": "slurm", "step": step, "job_ids": [r.job_id for r in records]},
+            )
+        return results
+
     def _reattach(self, ctx: _Ctx, rec_path: Path, out_dir: Path) -> tuple[Any, JobRecord | None]:
         record = JobRecord.load(rec_path)
         if record is None:
@@ -343,39 +406,61 @@ class SlurmBackend:
         return job, record
 
     def _follow(
-        self, ctx: _Ctx, step: str, job: Any, record: JobRecord, rec_path: Path, out_dir: Path, needs: StepNeeds
+        self, ctx: _Ctx, step: str, job: Any, record: JobRecord, rec_path: Path | None, out_dir: Path, needs: StepNeeds
     ) -> StepResult:
-        tails = {"stdout": _Tail(job.paths.stdout), "stderr": _Tail(job.paths.stderr)}
-        state = "PENDING"
-        last_state = ""
-        finished = False
+        tails = self._wait(ctx, [(job, record, rec_path)])[0]
+        return self._finish(ctx, step, job, record, rec_path, out_dir, needs, tails)
+
+    def _wait(self, ctx: _Ctx, jobs: list[tuple[Any, JobRecord, Path | None]]) -> list[dict[str, _Tail]]:
+        """Poll until every job has ended, streaming their log tails; scancel them all if the
+        step is interrupted (Dagster run terminated: DagsterExecutionInterruptedError)."""
+        tails = [{"stdout": _Tail(j.paths.stdout), "stderr": _Tail(j.paths.stderr)} for j, _, _ in jobs]
+        state = ["PENDING"] * len(jobs)
+        last = [""] * len(jobs)
+        since = [time.time()] * len(jobs)
+        done = [False] * len(jobs)
         try:
-            while True:
-                for name, tail in tails.items():
-                    for line in tail.new_lines():
-                        ctx.info(f"[slurm {job.job_id} {name}] {line}")
-                facts = sacct(record.job_id)
-                state = facts["State"] if facts else state
-                if state != last_state:
-                    ctx.info(f"Slurm job {job.job_id}: {state}")
-                    last_state = state
-                if job.paths.result_pickle.exists() or state in TERMINAL_STATES:
-                    finished = True
-                    break
-                time.sleep(self.slurm.poll_s)
+            while not all(done):
+                for i, (job, record, _) in enumerate(jobs):
+                    if done[i]:
+                        continue
+                    for name, tail in tails[i].items():
+                        for line in tail.new_lines():
+                            ctx.info(f"[slurm {job.job_id} {name}] {line}")
+                    facts = sacct(record.job_id)
+                    state[i] = facts["State"] if facts else state[i]
+                    if state[i] != last[i]:
+                        ctx.info(f"Slurm job {job.job_id}: {state[i]}")
+                        last[i], since[i] = state[i], time.time()
+                    done[i] = job.paths.result_pickle.exists() or (
+                        state[i] in TERMINAL_STATES and time.time() - since[i] >= REQUEUE_GRACE_S.get(state[i], 0.0)
+                    )
+                if not all(done):
+                    time.sleep(self.slurm.poll_s)
         except BaseException:
-            # The Dagster run was terminated (DagsterExecutionInterruptedError / KeyboardInterrupt)
-            # or something broke here: never leave the job running without an owner.
-            if not finished:
+            # Never leave a job running without an owner.
+            for i, (job, record, rec_path) in enumerate(jobs):
+                if done[i]:
+                    continue
                 subprocess.run(["scancel", str(record.job_id)], capture_output=True, timeout=60)
                 ctx.warning(f"step interrupted: cancelled Slurm job {record.job_id}")
                 record.status = "cancelled"
                 record.history.append(f"{time.time():.0f} cancelled by interrupted run {ctx.run_id}")
-                record.save(rec_path)
+                if rec_path is not None:
+                    record.save(rec_path)
             raise
-        for name, tail in tails.items():
-            for line in tail.new_lines(final=True):
-                ctx.info(f"[slurm {job.job_id} {name}] {line}")
+        for (job, _, _), t in zip(jobs, tails):
+            for name, tail in t.items():
+                for line in tail.new_lines(final=True):
+                    ctx.info(f"[slurm {job.job_id} {name}] {line}")
+        return tails
+
+    def _finish(
+        self, ctx: _Ctx, step: str, job: Any, record: JobRecord, rec_path: Path | None, out_dir: Path,
+        needs: StepNeeds, tails: dict[str, _Tail],
+    ) -> StepResult:
+        """Turn an ended job into its StepResult (with sacct facts) or a dagster.Failure."""
+        state = "UNKNOWN"
         facts = self._final_facts(record.job_id)
         state = facts.get("State", state) if facts else state
         compute = {
@@ -395,7 +480,7 @@ class SlurmBackend:
         if outcome != "success":
             record.status = "failed" if state != "CANCELLED" else "cancelled"
             record.history.append(f"{time.time():.0f} ended {state}")
-            record.save(rec_path)
+            self._save(record, rec_path)
             raise _failure(_failure_text(step, record, state, payload, tails, needs), compute)
 
         src = Path(record.out_dir)
@@ -410,7 +495,7 @@ class SlurmBackend:
             result = payload
         else:
             record.status = "failed"
-            record.save(rec_path)
+            self._save(record, rec_path)
             raise _failure(f"Slurm job {record.job_id} ({step}) completed but wrote no {RESULT_FILE} in {out_dir}", compute)
         result.info["compute"] = compute
         result.info["backend"] = "slurm"
@@ -418,9 +503,14 @@ class SlurmBackend:
         record.status = "handed_over"
         record.out_dir = str(out_dir)
         record.history.append(f"{time.time():.0f} handed over to run {ctx.run_id}")
-        record.save(rec_path)
+        self._save(record, rec_path)
         ctx.info(f"Slurm job {record.job_id} {state} on {compute['node']} in {compute['elapsed']}, max RSS {compute['max_rss_mb']} MB")
         return result
+
+    @staticmethod
+    def _save(record: JobRecord, rec_path: Path | None) -> None:
+        if rec_path is not None:
+            record.save(rec_path)
 
     @staticmethod
     def _final_facts(job_id: str, wait_s: float = 10.0) -> dict[str, str] | None:

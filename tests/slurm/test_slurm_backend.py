@@ -29,14 +29,20 @@ def _materialize(
 ) -> dg.ExecuteInProcessResult:
     import slurm_defs
 
-    return dg.materialize(
-        [slurm_defs.fold_demo],
-        partition_key=partition,
-        resources={"compute": slurm_defs._compute()},
-        run_config={"ops": {"fold_demo": {"config": config or {}}}},
-        instance=instance or dg.DagsterInstance.ephemeral(),
-        raise_on_error=raise_on_error,
-    )
+    def run(inst: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            [slurm_defs.fold_demo],
+            partition_key=partition,
+            resources={"compute": slurm_defs._compute()},
+            run_config={"ops": {"fold_demo": {"config": config or {}}}},
+            instance=inst,
+            raise_on_error=raise_on_error,
+        )
+
+    if instance is not None:
+        return run(instance)
+    with dg.DagsterInstance.ephemeral() as inst:  # disposed in the thread that made it
+        return run(inst)
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
@@ -206,3 +212,27 @@ def test_identity_check_refuses_strangers(slurm_settings: Path, tmp_path: Path) 
     assert res3.info["job_id"] != job_id
     assert Path(res3.out_dir) == out3 and (out3 / "fold.json").exists()
     assert Path(out1).exists(), "the stranger's output must be left alone"
+
+
+def test_map_runs_one_job_array(slurm_settings: Path) -> None:
+    import slurm_jobfns
+
+    s = load_settings(slurm_settings)
+    backend = SlurmBackend(s.compute.slurm, s.root)
+    needs = StepNeeds(cpus=1, mem_gb=1, time_min=5)
+    outs = [artifacts.new_version_dir(s.root, "fold_demo", k) for k in "01234"]
+    results = backend.map(_ctx("root-M", "0"), "demo", slurm_jobfns.fold_step, [((k,), {}, o) for k, o in zip("01234", outs)], needs)
+    ids = [r.info["job_id"] for r in results]
+    assert len({i.split("_")[0] for i in ids}) == 1 and sorted(i.split("_")[1] for i in ids) == list("01234"), ids
+    for k, r, o in zip("01234", results, outs):
+        assert Path(r.out_dir) == o and json.loads((o / "fold.json").read_text())["fold"] == k
+        assert r.info["compute"]["state"] == "COMPLETED" == sacct(r.info["job_id"])["State"]
+        assert r.info["slurm_job_id"] is not None  # ran inside a Slurm job
+
+    # failing tasks: the Failure names each with its remote traceback, after all have ended
+    outs2 = [artifacts.new_version_dir(s.root, "fold_demo", k) for k in "12"]
+    with pytest.raises(dg.Failure) as ei:
+        backend.map(_ctx("root-M", "0"), "demo", slurm_jobfns.failing_step, [((k,), {}, o) for k, o in zip("12", outs2)], needs)
+    text = ei.value.description
+    assert "2 of 2 tasks" in text and "remote kaboom in fold 1" in text and "remote kaboom in fold 2" in text
+    assert "FAILED" in text and not any(o.exists() for o in outs2)
