@@ -58,3 +58,14 @@ def counting_step(fold: str, total_s: int, *, out_dir: Path, checkpoint_dir: str
         res.metrics["starts"] = float(len(starts))
         res.info["starts"] = starts
     return res
+
+
+def interpreter_step(*, out_dir: Path) -> StepResult:
+    """Records which interpreter ran the step and whether Dagster is importable there."""
+    import importlib.util
+    import sys
+
+    with step_output(out_dir, "demo") as (tmp, res):
+        res.info["executable"] = sys.executable
+        res.info["has_dagster"] = importlib.util.find_spec("dagster") is not None
+    return res

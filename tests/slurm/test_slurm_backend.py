@@ -236,3 +236,20 @@ def test_map_runs_one_job_array(slurm_settings: Path) -> None:
     text = ei.value.description
     assert "2 of 2 tasks" in text and "remote kaboom in fold 1" in text and "remote kaboom in fold 2" in text
     assert "FAILED" in text and not any(o.exists() for o in outs2)
+
+
+def test_step_runs_with_its_own_interpreter(slurm_settings: Path) -> None:
+    """The quantization step's environment (.venv-quant, no Dagster) runs a step as a Slurm job."""
+    import slurm_jobfns
+
+    quant_python = Path(__file__).resolve().parents[2] / ".venv-quant" / "bin" / "python"
+    if not quant_python.exists():
+        pytest.skip("no .venv-quant (scripts/setup-quant-env.sh)")
+    s = load_settings(slurm_settings)
+    backend = SlurmBackend(s.compute.slurm, s.root)
+    out = artifacts.new_version_dir(s.root, "fold_demo", "0")
+    res = backend.run(_ctx("root-Q", "0"), "demo", slurm_jobfns.interpreter_step, (), {}, out,
+                      StepNeeds(cpus=1, mem_gb=1, time_min=5), python=str(quant_python))
+    assert res.info["executable"].startswith(str(quant_python.parent.parent))
+    assert res.info["has_dagster"] is False
+    assert res.info["compute"]["state"] == "COMPLETED"
