@@ -8,7 +8,6 @@ import json
 import sys
 
 import dagster as dg
-
 import slurm_defs
 
 

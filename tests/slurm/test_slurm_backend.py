@@ -17,7 +17,7 @@ import dagster as dg
 import pytest
 
 from arena_assets.core import artifacts
-from arena_assets.core.settings import SlurmSettings, StepNeeds, load_settings
+from arena_assets.core.settings import StepNeeds, load_settings
 from arena_assets.resources.slurm import JobRecord, SlurmBackend, check_identity, sacct
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]

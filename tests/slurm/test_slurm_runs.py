@@ -17,7 +17,13 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from test_slurm_backend import _failure_text, _materialize, _metadata, _records, _wait_for_record, _wait_state
+from test_slurm_backend import (
+    _failure_text,
+    _materialize,
+    _metadata,
+    _wait_for_record,
+    _wait_state,
+)
 
 from arena_assets.core import artifacts
 from arena_assets.core.settings import load_settings
