@@ -71,6 +71,17 @@ class Materialization:
         self.inputs[label] = str(v)
         return v
 
+    def checkpoint_dir(self, step: str) -> Path:
+        """Where a training step keeps resumable checkpoints: keyed by step, partition, settings
+        hash and the input versions read so far (call after :meth:`read`), so a retry or re-run
+        with the same inputs resumes and any change starts afresh (design.md)."""
+        from arena_assets.core.settings import settings_hash
+        from arena_assets.gpu.train import checkpoint_dir_for
+
+        data_version = settings_hash({k: Path(v).name for k, v in sorted(self.inputs.items())})
+        return checkpoint_dir_for(self.root / ".checkpoints", step, self.partition or "_",
+                                  self.code_version, data_version)
+
     def commit(self, extra: Mapping[str, Any] | None = None) -> Path:
         """Record provenance inside the (complete) version directory, then switch ``latest``."""
         if not self.out_dir.is_dir():

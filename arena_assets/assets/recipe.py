@@ -277,7 +277,7 @@ def build_recipe_assets(settings: Settings, automation: dict[str, Any] | None = 
             base = m.read(base_key(family)) / "model"
             external = m.read(EXTERNAL_PAIRS) / "table.parquet"
             res = compute.run(context, "teacher", train_teacher, base, s.teacher, s.fmt, tr, va, external,
-                              out_dir=m.out_dir)
+                              out_dir=m.out_dir, checkpoint_dir=m.checkpoint_dir("teacher"))
             m.commit()
             return MaterializeResult(metadata=m.metadata(
                 res, fold=k, family=family, adapter_size_mb=dir_size_mb(res.path("model"))))
@@ -358,7 +358,8 @@ def build_recipe_assets(settings: Settings, automation: dict[str, Any] | None = 
         tr, va = _fold_tables(m, k)
         base = m.read(base_key(s.student_family)) / "model"
         toof = m.read(TEACHER_OOF) / "teacher_oof.parquet"
-        res = compute.run(context, "student", train_student, base, s.student, s.fmt, tr, va, toof, out_dir=m.out_dir)
+        res = compute.run(context, "student", train_student, base, s.student, s.fmt, tr, va, toof, out_dir=m.out_dir,
+                          checkpoint_dir=m.checkpoint_dir("student"))
         m.commit()
         return MaterializeResult(metadata=m.metadata(
             res, fold=k, kd_alpha=s.student.kd.alpha, kd_temperature=s.student.kd.temperature,
@@ -375,7 +376,8 @@ def build_recipe_assets(settings: Settings, automation: dict[str, Any] | None = 
         m = Materialization.begin(s, BASELINE_STUDENT, str(k), cv_b)
         tr, va = _fold_tables(m, k)
         base = m.read(base_key(s.student_family)) / "model"
-        res = compute.run(context, "student", train_student, base, s.baseline, s.fmt, tr, va, None, out_dir=m.out_dir)
+        res = compute.run(context, "student", train_student, base, s.baseline, s.fmt, tr, va, None, out_dir=m.out_dir,
+                          checkpoint_dir=m.checkpoint_dir("baseline"))
         m.commit()
         return MaterializeResult(metadata=m.metadata(res, fold=k, adapter_size_mb=dir_size_mb(res.path("model"))))
 
