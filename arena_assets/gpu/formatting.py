@@ -57,7 +57,7 @@ class TextFormat:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TextFormat":
+    def from_json(cls, d: dict[str, Any]) -> TextFormat:
         return cls(
             span_tags=bool(d.get("span_tags", False)),
             headers=tuple(d.get("headers", cls.headers)),  # type: ignore[arg-type]

@@ -108,7 +108,12 @@ def train_word_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length
 def build_tiny(cfg: Any, tokenizer: Any, attn_implementation: str = "eager") -> Any:
     """A random-init 3-label sequence classifier (Gemma-2 or Llama) sized by ``TinyModelConfig``."""
     import torch
-    from transformers import Gemma2Config, Gemma2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     common = dict(
         vocab_size=len(tokenizer),

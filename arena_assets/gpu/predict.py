@@ -159,9 +159,9 @@ def _load(model_dir: Any) -> tuple[Any, Any]:
 
     setup_torch(0)
     model, tok = load_classifier(model_dir)
-    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
-        if getattr(model, "hf_quantizer", None) is None:
-            model.to(device())
+    # bitsandbytes/GPTQ models are placed by from_pretrained (device_map); the rest go to the GPU if any
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_8bit", False):
+        model.to(device())
     return model, tok
 
 

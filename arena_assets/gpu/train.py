@@ -36,7 +36,13 @@ import numpy as np
 
 from arena_assets.core.artifacts import atomic_write_json
 from arena_assets.core.results import StepResult, step_output
-from arena_assets.gpu.data import PadCollator, PairDataset, encode_table, read_table, teacher_logits_for
+from arena_assets.gpu.data import (
+    PadCollator,
+    PairDataset,
+    encode_table,
+    read_table,
+    teacher_logits_for,
+)
 from arena_assets.gpu.formatting import LABEL_COLUMNS
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import FMT, RESUME_TEACHER  # noqa: E402
+from conftest import FMT, RESUME_TEACHER
 
-from arena_assets.gpu import data as gdata  # noqa: E402
-from arena_assets.gpu.train import train_teacher  # noqa: E402
+from arena_assets.gpu import data as gdata
+from arena_assets.gpu.train import train_teacher
 
 args = json.loads(sys.argv[1])
 if args.get("slow_s"):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FMT, INFER, STUDENT, TEACHER
 
 from arena_assets.core.contract import read_table, write_table
 from arena_assets.core.metrics import expected_log_loss, gap_closed, prior_log_loss
@@ -17,8 +18,6 @@ from arena_assets.gpu.calibrate import calibrate, fit_temperature, nll
 from arena_assets.gpu.formatting import labels_of, swap_ab
 from arena_assets.gpu.predict import fold_submission, softmax, teacher_oof, tta_submission
 from arena_assets.gpu.train import train_student, train_teacher
-
-from conftest import FMT, INFER, STUDENT, TEACHER
 
 
 @pytest.fixture(scope="module")

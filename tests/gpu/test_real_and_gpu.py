@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FIT, FMT, TEACHER, TINY
 
 from arena_assets.core.settings import LoraSettings, ModelSpec, PostPretrainSettings
 from arena_assets.gpu.models import BASE_POINTER, load_classifier
 from arena_assets.gpu.pretrain import post_pretrain
 from arena_assets.gpu.train import train_teacher
-
-from conftest import FIT, FMT, TEACHER, TINY
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -35,7 +34,7 @@ def test_disabled_post_pretrain_passes_a_real_base_through(checkpoint: Path, dat
     d = r.path("model")
     assert json.loads((d / BASE_POINTER).read_text())["path"] == str(checkpoint.resolve())
     assert not list(d.glob("*.safetensors"))  # the weights are referenced, never copied
-    model, tok = load_classifier(d)
+    model, _ = load_classifier(d)
     assert model.arena_record["path"] == str(checkpoint.resolve()) and model.arena_record["pointer"] == str(d)
     assert r.info["post_pretrained"] is False
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FMT, RESUME_TEACHER, TEACHER
 
 from arena_assets.core.settings import settings_hash
 from arena_assets.gpu.train import checkpoint_dir_for, train_teacher
-
-from conftest import FMT, RESUME_TEACHER, TEACHER
 
 JOB = Path(__file__).with_name("resume_job.py")
 
@@ -65,7 +64,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(data: dict[str, Any], 
 
 
 def test_failed_step_leaves_no_partial_output(data: dict[str, Any], base: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import arena_assets.gpu.predict as predict
+    from arena_assets.gpu import predict
 
     def boom(*a: Any, **k: Any) -> Any:
         raise RuntimeError("disk full (simulated)")
