@@ -64,8 +64,11 @@ class DagsterDev:
         """POST a GraphQL query to the webserver (for waits and for reading state in asserts)."""
         body = json.dumps({"query": query, "variables": variables or {}}).encode()
         req = urllib.request.Request(f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            out = json.loads(r.read())
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                out = json.loads(r.read())
+        except urllib.error.HTTPError as e:  # GraphQL validation errors come as HTTP 400
+            raise RuntimeError(f"GraphQL HTTP {e.code}: {e.read()[:2000]!r}") from e
         if out.get("errors"):
             raise RuntimeError(f"GraphQL errors: {out['errors']}")
         return out["data"]
