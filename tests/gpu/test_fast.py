@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from arena_assets.gpu.fast import fp8_linearize, shard_rows, token_budget_batches, tta_logits_fast
+from arena_assets.gpu.fast import auto_pad_multiple, fp8_linearize, shard_rows, token_budget_batches, tta_logits_fast
 
 
 def test_token_budget_batches_cover_rows_and_respect_budget() -> None:
@@ -74,6 +74,7 @@ def test_tta_fast_matches_plain_loop() -> None:
         prompt_max_tokens = 12
 
     df, tok, model = _tiny()
+    assert auto_pad_multiple(model) == 16  # eager; flex_attention needs its 128 block
     infer = InferSettings(max_length=96, batch_size=5, tta=True, sort_by_length=False)
     ref = tta_logits(model, tok, df, Fmt, infer)  # CPU: the plain fixed-batch loop
     fast = tta_logits_fast(model, tok, df, 96, 12, max_tokens=512, max_rows=7, pad_multiple=16)
