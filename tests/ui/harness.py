@@ -215,13 +215,24 @@ def new_page(browser: Any, width: int = 1440, height: int = 960) -> Any:
     return page
 
 
-def screenshot(page: Any, path: Path, full_page: bool = False) -> Path:
-    """Save a PNG once fonts are loaded and the network is idle (never a half-drawn page)."""
+def screenshot(page: Any, path: Path, full_page: bool = False, region: Any = None) -> Path:
+    """Save a PNG once fonts are loaded and the network is idle (never a half-drawn page).
+
+    ``region``: a locator whose on-screen box (clipped to the viewport) is all that is saved.
+    Written to a temp name and renamed, so a README image is never half-written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(Exception):
         page.wait_for_load_state("networkidle", timeout=15_000)
     page.evaluate("document.fonts ? document.fonts.ready.then(() => true) : true")
     tmp = path.with_name(f".{path.name}.tmp.png")
-    page.screenshot(path=str(tmp), full_page=full_page)
+    clip = None
+    if region is not None:
+        b = region.bounding_box()
+        vp = page.viewport_size
+        x0, y0 = max(0.0, b["x"]), max(0.0, b["y"])
+        x1, y1 = min(float(vp["width"]), b["x"] + b["width"]), min(float(vp["height"]), b["y"] + b["height"])
+        clip = {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}
+    page.screenshot(path=str(tmp), full_page=full_page, clip=clip)
     os.replace(tmp, path)
     return path

@@ -97,16 +97,30 @@ def name_matches(shown: str, name: str) -> bool:
 def read_lineage(page: Any, keys: set[str], groups_of: dict[str, str]) -> tuple[set[str], set[tuple[str, str]]]:
     """Asset keys and edges as drawn: nodes by their label and enclosing group box, edges by
     their end points (an edge leaves the right middle of its source and ends at the left
-    middle of its target in the horizontal layout)."""
-    # Expanding groups re-runs the layout (in a worker) and animates: read once it holds still.
-    data, deadline = None, time.time() + 60
+    middle of its target in the horizontal layout).
+
+    Expanding groups re-runs the layout (in a web worker) and animates, possibly in more than
+    one pass: read until two reads agree and every edge end sits on a node.
+    """
+    last, error, deadline = None, "no read", time.time() + 90
     while time.time() < deadline:
-        now = page.evaluate(LINEAGE_JS)
-        if now == data and len(now["nodes"]) >= len(keys):
-            break
-        data = now
+        data = page.evaluate(LINEAGE_JS)
+        if data == last:
+            if len(data["nodes"]) < len(keys):
+                # Only nodes near the viewport are drawn: zoom out as a user would.
+                error = f"{len(data['nodes'])} of {len(keys)} nodes drawn"
+                page.locator("button", has=page.locator("[aria-label=zoom_out]")).first.click()
+            else:
+                try:
+                    return _resolve_lineage(data, keys, groups_of)
+                except AssertionError as e:
+                    error = str(e)
+        last = data
         page.wait_for_timeout(750)
-    assert data is not None
+    raise AssertionError(f"the lineage never settled into a readable graph: {error}")
+
+
+def _resolve_lineage(data: dict[str, Any], keys: set[str], groups_of: dict[str, str]) -> tuple[set[str], set[tuple[str, str]]]:
     resolved = []
     for n in data["nodes"]:
         cands = [k for k in keys if name_matches(n["name"], k.split("/")[-1])]
@@ -193,6 +207,7 @@ def test_lineage_shows_every_recipe_asset_and_the_issue_edges(
     expected = issue_edges(s.student_family, list(s.teacher_families))
     assert expected <= def_edges, f"definitions lack issue edges: {sorted(expected - def_edges)}"
 
+    page.set_viewport_size({"width": 1920, "height": 1200})  # room for every node in the picture
     page.goto(f"{dagster_ui.url}/asset-groups")
     page.get_by_role("button", name=re.compile("Materialize all")).wait_for()
     # Many groups start collapsed; the graph's background menu expands them (as a user would).
@@ -200,9 +215,7 @@ def test_lineage_shows_every_recipe_asset_and_the_issue_edges(
     box = page.locator("svg").filter(has=page.locator("foreignObject")).first.bounding_box()
     page.mouse.click(box["x"] + box["width"] - 40, box["y"] + 40, button="right")
     page.get_by_role("menuitem", name="Expand all groups").click()
-    page.wait_for_function(
-        "(n) => document.querySelectorAll('foreignObject [class*=AssetNode_assetName], foreignObject [data-tooltip]')"
-        ".length >= n", arg=len(keys))
+    page.get_by_role("menuitem", name="Expand all groups").wait_for(state="detached")
     shown_keys, shown_edges = read_lineage(page, keys, groups_of)
 
     assert shown_keys == keys, f"missing {sorted(keys - shown_keys)}, extra {sorted(shown_keys - keys)}"
