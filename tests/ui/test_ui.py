@@ -8,6 +8,7 @@ backfill launched by clicking, a failing run), so the screenshots show the pipel
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from pathlib import Path
@@ -246,6 +247,7 @@ def test_fold_latest_materialization_shows_cv_logloss_and_backend(
 ) -> None:
     fold = "2"
     want = latest_metadata(ui_session, "student_fold_submission", fold)
+    page.set_viewport_size({"width": 1440, "height": 1700})  # the picture shows cv_logloss and backend
     page.goto(f"{dagster_ui.url}/assets/student_fold_submission?view=partitions&partition={fold}")
     page.get_by_text("Latest materialization").first.wait_for()
     cv = metadata_value(page, "cv_logloss")
@@ -448,13 +450,38 @@ def test_backfill_of_two_folds_launched_by_clicking_runs_to_success(
 
 
 # ----------------------------------------------------------------------------------- failure
-def make_failing_run(session: PipelineSession, scratch: Path) -> str:
-    """A real run of ``student_calibration`` fold 4 whose step fails in a child process.
+def slurm_up() -> tuple[bool, str]:
+    """The single-node cluster of scripts/slurm-up.sh answers (same test as tests/slurm)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False, "sbatch/sinfo not installed (scripts/slurm-up.sh)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (subprocess.SubprocessError, OSError) as e:
+        return False, f"sinfo failed: {e}"
+    if out.returncode != 0 or not any(t.rstrip("*") in {"idle", "mixed", "allocated"} for t in out.stdout.split()):
+        return False, f"no usable Slurm node: {out.stdout.strip() or out.stderr.strip()}"
+    return True, ""
+
+
+BACKENDS = {
+    # backend -> (settings overrides, the readable one-liner Dagster shows)
+    "local": ({"compute": {"local_mode": "subprocess"}}, r"step calibration failed in a child process"),
+    "slurm": ({"compute": {"backend": "slurm", "slurm": {"poll_s": 0.5},
+                           "needs": {"calibration": {"cpus": 1, "mem_gb": 1, "time_min": 5}}}},
+              r"[Ss]lurm job \d+|FAILED"),
+}
+
+
+def make_failing_run(session: PipelineSession, scratch: Path, backend: str) -> str:
+    """A real run of ``student_calibration`` fold 4 whose step fails in another process.
 
     Its inputs live in a scratch artifact root (the session's stay untouched): the fold's
     validation table, and student predictions lacking the logit columns, as an outdated
-    predictions file would. The step runs with ``compute.local_mode: subprocess``, so the error
-    Dagster shows is the traceback of another process, as for a Slurm job.
+    predictions file would. The step runs in a child process (``local``) or as a Slurm job
+    (``slurm``), so the traceback Dagster shows is a remote one.
     """
     import json
     import shutil
@@ -478,28 +505,34 @@ def make_failing_run(session: PipelineSession, scratch: Path) -> str:
     preds[["id", "p_a", "p_b", "p_tie"]].to_parquet(v / "valid_predictions.parquet", index=False)
     artifacts.set_latest(v)
 
-    settings = SettingsResource(path=str(session.settings_path), overrides_json=json.dumps(
-        {"artifact_root": str(scratch), "compute": {"local_mode": "subprocess"}}))
+    overrides = {"artifact_root": str(scratch), **BACKENDS[backend][0]}
+    settings = SettingsResource(path=str(session.settings_path), overrides_json=json.dumps(overrides))
     res = materialize(list(session.defs.assets), selection=[AssetKey("student_calibration")], partition_key=fold,
-                      instance=session.instance, raise_on_error=False, tags={"arena/test": "ui-failure"},
+                      instance=session.instance, raise_on_error=False, tags={"arena/test": f"ui-failure-{backend}"},
                       resources={"settings": settings, "compute": ComputeResource(settings=settings)})
     assert not res.success
     return res.run_id
 
 
+@pytest.mark.parametrize("backend", ["local", pytest.param("slurm", marks=pytest.mark.slurm)])
 def test_failed_run_shows_readable_error_and_remote_traceback(
-    page: Any, dagster_ui: harness.DagsterDev, ui_session: PipelineSession, tmp_path: Path, screenshot_dir: Path,
+    backend: str, page: Any, dagster_ui: harness.DagsterDev, ui_session: PipelineSession, tmp_path: Path,
+    screenshot_dir: Path,
 ) -> None:
-    run_id = make_failing_run(ui_session, tmp_path / "scratch_artifacts")
+    if backend == "slurm":
+        ok, why = slurm_up()
+        if not ok:
+            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+                pytest.fail(f"CI: the Slurm cluster must be up: {why}")
+            pytest.skip(why)
+    run_id = make_failing_run(ui_session, tmp_path / "scratch_artifacts", backend)
     page.goto(f"{dagster_ui.url}/runs/{run_id}")
     page.get_by_text("Failure", exact=False).first.wait_for()
     # The readable one-liner: which step, where it ran, the exception.
-    msg = page.get_by_text(re.compile(r"step calibration failed in a child process")).first
-    msg.wait_for()
-    assert "KeyError" in page.inner_text("body")
-    # The remote (child process) traceback rides on the failure's metadata, shown in the event log.
+    page.get_by_text(re.compile(BACKENDS[backend][1])).first.wait_for()
+    # The remote traceback (child process / Slurm job) rides on the failure, shown in the event log.
     page.get_by_text(re.compile(r"Traceback \(most recent call last\)")).first.wait_for()
     body = page.inner_text("body")
-    assert "arena_assets/gpu/calibrate.py" in body and "logit_a" in body
-    assert "RUN_FAILURE" in body or "Failure" in body
-    harness.screenshot(page, screenshot_dir / "failed_run.png")
+    assert "KeyError" in body and "logit_a" in body
+    assert "arena_assets/gpu/calibrate.py" in body
+    harness.screenshot(page, screenshot_dir / ("failed_run.png" if backend == "local" else f"failed_run_{backend}.png"))
