@@ -128,7 +128,8 @@ def test_seed_layout_links_point_at_latest(pipeline) -> None:  # type: ignore[no
 
 
 STUDENT_CHAIN = {"student_model", "student_calibration", "student_fold_submission", "averaged_lora",
-                 "merged_model", "quantized_model", "tta_submission", "final_ensemble"}
+                 "merged_model", "quantized_model", "tta_submission", "final_ensemble",
+                 "quality_report"}  # on demand, but it reads the student chain's outputs
 
 
 def _stale(instance: DagsterInstance, defs) -> set[str]:  # type: ignore[no-untyped-def]
