@@ -266,7 +266,17 @@ def test_fold_latest_materialization_shows_cv_logloss_and_backend(
 def test_pictures_appear_where_the_ui_shows_metadata(
     page: Any, dagster_ui: harness.DagsterDev, ui_session: PipelineSession, screenshot_dir: Path,
 ) -> None:
-    # A fold's training run: train and validation loss curves from the Trainer's log history.
+    # Every training run (post-pretraining, teachers, students, baseline) carries its loss curves.
+    from arena_assets.core.settings import load_settings
+
+    st = load_settings(str(ui_session.settings_path))
+    trained = [(f"{f}/post_pretrained_base", None) for f in st.families]
+    trained += [(f"{t}/teacher_model", str(k)) for t in st.teacher_families for k in range(5)]
+    trained += [(a, str(k)) for a in ("student_model", "baseline_student") for k in range(5)]
+    for key, pk in trained:
+        md = latest_metadata(ui_session, key, pk)
+        assert "data:image/png;base64," in str(md.get("loss_curves", "")), f"{key}[{pk}]: {sorted(md)}"
+    # In the UI: a fold's train and validation loss curves from the Trainer's log history.
     page.goto(f"{dagster_ui.url}/assets/student_model?view=partitions&partition=0")
     metadata_value(page, "loss_curves")
     img = open_markdown_picture(page, "loss_curves")
