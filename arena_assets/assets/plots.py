@@ -70,7 +70,7 @@ def _safe(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a chart builder; on any error return a readable entry instead of raising."""
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001 - a chart must never fail a finished step
+    except Exception as exc:
         log.warning("plot %s failed: %s", name, exc, exc_info=True)
         return {f"{name}_error": f"{type(exc).__name__}: {exc}"}
 

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `tests.pipeline_fixture` is shared with tests/assets
     sys.path.insert(0, str(REPO))
 
-from tests.pipeline_fixture import PipelineSession, pipeline  # noqa: E402,F401
-from tests.ui import harness  # noqa: E402
+from tests.pipeline_fixture import PipelineSession, pipeline  # noqa: F401
+from tests.ui import harness
 
 SCREENSHOT_ENV = "ARENA_SCREENSHOT_DIR"
 SESSION_ENV = "ARENA_UI_SESSION"

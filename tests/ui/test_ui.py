@@ -468,7 +468,7 @@ def slurm_up() -> tuple[bool, str]:
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return False, "sbatch/sinfo not installed (scripts/slurm-up.sh)"
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], check=False, capture_output=True, text=True, timeout=20)
     except (subprocess.SubprocessError, OSError) as e:
         return False, f"sinfo failed: {e}"
     if out.returncode != 0 or not any(t.rstrip("*") in {"idle", "mixed", "allocated"} for t in out.stdout.split()):
