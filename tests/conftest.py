@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pipeline_fixture import pipeline  # noqa: F401  (one session-wide materialization for tests/assets and tests/ui)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -15,11 +15,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # `tests.pipeline_fixture` is shared with tests/assets
-    sys.path.insert(0, str(REPO))
-
-from tests.pipeline_fixture import PipelineSession, pipeline  # noqa: F401
+from tests.pipeline_fixture import PipelineSession  # `pipeline` itself comes from tests/conftest.py
 from tests.ui import harness
 
 SCREENSHOT_ENV = "ARENA_SCREENSHOT_DIR"
