@@ -460,6 +460,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: dict[st
         base = p.resolve().parent
     if overrides:
         raw = _deep_merge(raw, overrides)
+    raw = _overlay(Settings(), raw)
     raw.setdefault("base_dir", str(base))
     try:
         return Settings.model_validate(raw)
@@ -467,6 +468,25 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: dict[st
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
         raise ValueError(f"{path or 'settings'}: {loc}: {first['msg']}") from e
+
+
+def _overlay(default: BaseModel, raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` laid over the PARENT's default of every nested settings block.
+
+    Why: pydantic builds a partially given block from its class defaults, so
+    ``teacher: {train: {seed: 7}}`` would silently reset the teacher's learning rate to
+    ``TrainSettings``' default instead of keeping ``TeacherSettings``' own (1e-3). Only nested
+    settings objects are overlaid; dict-valued fields (``families``, ``compute.needs``) and lists
+    are replaced as written.
+    """
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        current = getattr(default, key, None) if key in type(default).model_fields else None
+        if isinstance(current, BaseModel) and isinstance(value, dict):
+            out[key] = {**current.model_dump(mode="python"), **_overlay(current, value)}
+        else:
+            out[key] = value
+    return out
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
