@@ -161,7 +161,11 @@ class TeacherSettings(_Frozen):
     train: TrainSettings = TrainSettings(learning_rate=1e-3, warmup_steps=10)
     """LoRA on a trained tiny base wants about 1e-3 with decay (learnability recipe)."""
     lora: LoraSettings = LoraSettings()
-    use_external: bool = True
+    use_external: bool = False
+    """Add external pairs to each fold's teacher training (1st place: 33k rows; true in
+    settings/first_place.example.yaml). Off in the demo: half of the bundled external pairs are
+    UltraFeedback-style, which never ties, so teachers trained on them under-predict ties and
+    distilling them made the KD student worse than the CE-only one (docs/fidelity.md)."""
     max_external_rows: int | None = 500
     """Demo budget; 1st place: about 33k external rows per teacher (None = all)."""
 
