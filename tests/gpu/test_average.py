@@ -27,35 +27,10 @@ N_FOLDS = 5
 
 def build_base(path: Path) -> Path:
     """A tiny random-init Gemma-2 3-way classifier + a word-level tokenizer, saved offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Gemma2Config, Gemma2ForSequenceClassification, PreTrainedTokenizerFast
+    from tiny_models import gemma2_classifier, word_tokenizer
 
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        [" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"])
-    )
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        padding_side="left",
-        model_max_length=64,
-    )
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=hf_tok.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        num_labels=3,
-        pad_token_id=hf_tok.pad_token_id,
-        attn_implementation="eager",
-    )
-    model = Gemma2ForSequenceClassification(config)
+    hf_tok = word_tokenizer(WORDS, padding_side="left")
+    model = gemma2_classifier(hf_tok)
     model.save_pretrained(path)
     hf_tok.save_pretrained(path)
     return path

@@ -91,38 +91,13 @@ def log_loss_of(model, tok, df: pd.DataFrame) -> float:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(merged model dir, train parquet, valid parquet, fp valid log-loss)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Gemma2Config, Gemma2ForSequenceClassification, PreTrainedTokenizerFast
+    from tiny_models import gemma2_classifier, word_tokenizer
 
     root = tmp_path_factory.mktemp("quant")
     train, valid = make_rows(600, 1), make_rows(200, 2)
     vocab = [*FILLER, *(f"{s}_{w}" for s in "ab" for w in ("good", "bad"))]
-    t = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.train_from_iterator(
-        [" ".join(vocab)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"])
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=t,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        padding_side="right",
-        model_max_length=64,
-    )
-    torch.manual_seed(0)
-    cfg = Gemma2Config(
-        vocab_size=tok.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        num_labels=3,
-        pad_token_id=tok.pad_token_id,
-        attn_implementation="eager",
-    )
-    model = Gemma2ForSequenceClassification(cfg)
+    tok = word_tokenizer(vocab, padding_side="right", split_punctuation=False)
+    model = gemma2_classifier(tok)
     enc = tok(row_texts(train), return_tensors="pt", padding=True)
     y = torch.tensor(train[LABELS].to_numpy().argmax(1))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
