@@ -1,6 +1,6 @@
 """Jobs mirroring the seed's helper scripts.
 
-- ``arena_pipeline``: every recipe asset. Launch it as an asset backfill (UI "Materialize all",
+- ``arena_pipeline``: every recipe asset (not the on-demand ``quality_report``). Launch it as an asset backfill (UI "Materialize all",
   all partitions) so Dagster orders the per-fold and all-fold steps; ``arena-assets demo`` does the
   same stage by stage.
 - ``student_fold_chain``: one fold's student train -> calibrate -> predict (the seed's
@@ -22,8 +22,10 @@ def build_jobs(settings: Settings) -> list[UnresolvedAssetJobDefinition]:
     parts = r.fold_partitions(settings)
     teacher_keys = [k for f in settings.teacher_families for k in (r.teacher_key(f), r.teacher_probs_key(f))]
     return [
-        define_asset_job("arena_pipeline", selection=AssetSelection.all(),
-                         description="The whole recipe (launch as a backfill of all partitions)."),
+        define_asset_job("arena_pipeline",
+                         selection=AssetSelection.all() - AssetSelection.tag("arena/on_demand", "true"),
+                         description="The whole recipe, the on-demand quality report excepted "
+                                     "(launch as a backfill of all partitions)."),
         define_asset_job("student_fold_chain", partitions_def=parts,
                          selection=AssetSelection.assets(r.STUDENT_MODEL, r.STUDENT_CALIBRATION,
                                                          r.STUDENT_FOLD_SUBMISSION),
