@@ -27,6 +27,8 @@ from typing import Any
 
 from dagster import MetadataValue
 
+from arena_assets.core.metrics import softmax
+
 log = logging.getLogger(__name__)
 
 #: Dagster renders markdown metadata inline below this many characters (MetadataEntry.tsx).
@@ -128,15 +130,6 @@ def loss_curves_metadata(history_path: str | Path, title: str = "loss") -> dict[
 
 
 # ----------------------------------------------------------------------------------- calibration
-def softmax(z: Any, temperature: float = 1.0) -> Any:
-    import numpy as np
-
-    z = np.asarray(z, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> tuple[list[dict[str, float]], float]:
     """Top-label reliability: per confidence bin, mean confidence, accuracy, count; and the ECE.
 

@@ -101,3 +101,12 @@ def prior_log_loss(train_labels: Any, eval_labels_or_truth: Any) -> float:
 def gap_closed(model: float, prior: float, bayes: float) -> float:
     """Share of the prior-to-Bayes log-loss gap a model closes (1 = Bayes-optimal, 0 = prior)."""
     return float((prior - model) / (prior - bayes))
+
+
+def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """Row softmax of ``logits / temperature`` in float64 (the one numpy softmax: predictions,
+    calibration plots and the quality report all use it)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from arena_assets.core import artifacts, metrics
+from arena_assets.core.metrics import softmax
 from arena_assets.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,6 @@ TOL = 1e-6
 # --------------------------------------------------------------------------------------------
 # Scoring primitives
 # --------------------------------------------------------------------------------------------
-def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """Row softmax of ``logits / temperature`` (float64)."""
-    from scipy.special import softmax as sp_softmax
-
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    return sp_softmax(z, axis=1)
-
-
 def load_truth(path: str | Path | None) -> dict[str, Any] | None:
     """``truth.json`` of a known-answer sample, or None when there is none (real data)."""
     if path is None or not Path(path).exists():

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from arena_assets.core.artifacts import atomic_path
+from arena_assets.core.metrics import softmax
 from arena_assets.core.results import StepResult, step_output
 from arena_assets.gpu.data import PadCollator, read_table
 from arena_assets.gpu.formatting import encode_rows, labels_of, swap_probs
@@ -27,13 +28,6 @@ from arena_assets.gpu.formatting import encode_rows, labels_of, swap_probs
 log = logging.getLogger(__name__)
 
 SUBMISSION_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
-
-
-def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def predict_logits(

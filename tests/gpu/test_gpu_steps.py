@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FMT, INFER, STUDENT, TEACHER
+from tests.gpu.conftest import FMT, INFER, STUDENT, TEACHER
 
 from arena_assets.core.contract import read_table, write_table
 from arena_assets.core.metrics import expected_log_loss, gap_closed, prior_log_loss

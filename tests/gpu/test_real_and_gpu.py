@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FIT, FMT, TEACHER, TINY
+from tests.gpu.conftest import FIT, FMT, TEACHER, TINY
 
 from arena_assets.core.settings import LoraSettings, ModelSpec, PostPretrainSettings
 from arena_assets.gpu.models import BASE_POINTER, load_classifier

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FMT, RESUME_TEACHER, TEACHER
+from tests.gpu.conftest import FMT, RESUME_TEACHER, TEACHER
 
 from arena_assets.core.settings import settings_hash
 from arena_assets.gpu.train import checkpoint_dir_for, train_teacher
