@@ -64,9 +64,10 @@ class ModelSpec(_Frozen):
     tokenizer_path: str | None = None
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["eager", "flex_attention", "sdpa", "flash_attention_2"] = "eager"
-    """Gemma-2 applies attention softcapping only with eager or flex_attention; sdpa silently
-    drops it. The default is eager (CPU); flex_attention on GPUs."""
+    attn_implementation: Literal["eager", "flex_attention", "arena_flex", "sdpa", "flash_attention_2"] = "eager"
+    """Gemma-2 applies attention softcapping only with eager, flex_attention or arena_flex; sdpa
+    silently drops it. The default is eager (CPU); on GPUs ``arena_flex`` (gpu/packing.py:
+    flex_attention compiled once, softcap as score_mod; what the packed paths need)."""
     quantize_base: Literal["none", "4bit", "8bit"] = "none"
     """QLoRA: load the base through bitsandbytes (CUDA)."""
     allow_downgrade: bool = False
@@ -121,6 +122,12 @@ class TrainSettings(_Frozen):
     at the end."""
     logging_steps: int = 5
     dataloader_workers: int = 0
+    packing: bool = False
+    """One packed slab per batch instead of padded rows (gpu/packing.py): no compute on pad
+    tokens; with ``arena_flex`` attention no L x L scores either. Same loss as padding."""
+    packing_slab_tokens: int | None = None
+    """Fixed slab length (one shape for torch.compile; must hold a whole batch); None = the
+    batch's tokens rounded up to 128."""
 
 
 class FormatSettings(_Frozen):
@@ -229,6 +236,9 @@ class InferSettings(_Frozen):
     tta: bool = True
     sort_by_length: bool = True
     apply_calibration: bool = True
+    slab_tokens: int = 16384
+    """CUDA with flex attention (``arena_flex``): rows are packed into slabs of this many tokens
+    (gpu/packing.py); it bounds activation memory like a batch size (4096-8192 on 16 GB cards)."""
 
 
 class EnsembleSettings(_Frozen):

@@ -141,17 +141,26 @@ def build_tiny(cfg: Any, tokenizer: Any, attn_implementation: str = "eager") -> 
     else:  # pragma: no cover - pydantic restricts it
         raise ValueError(f"unknown tiny arch {cfg.arch!r}")
     attention_choice(config.model_type, attn_implementation, config)
+    _register_if_ours(attn_implementation)
     config._attn_implementation = attn_implementation
     return cls(config)
 
 
 # ------------------------------------------------------------------------------ attention
+def _register_if_ours(impl: str | None) -> None:
+    """``arena_flex`` is registered with transformers on first use (gpu/packing.py)."""
+    if impl == "arena_flex":
+        from arena_assets.gpu.packing import register_attention
+
+        register_attention()
+
+
 def attention_choice(model_type: str, impl: str | None, config: Any = None) -> dict[str, Any]:
     """Record what the attention implementation does to Gemma-2 softcapping (warn on sdpa)."""
     rec: dict[str, Any] = {"attn_implementation": impl or "default"}
     if model_type == "gemma2":
         cap = getattr(config, "attn_logit_softcapping", 50.0) if config is not None else 50.0
-        applied = impl in ("eager", "flex_attention") or cap is None
+        applied = impl in ("eager", "flex_attention", "arena_flex") or cap is None
         rec["softcapping_applied"] = bool(applied)
         if not applied:
             msg = (
@@ -259,6 +268,7 @@ def load_pretrained(
     impl = spec.attn_implementation if spec is not None else ("eager" if config.model_type == "gemma2" else None)
     kwargs: dict[str, Any] = {"num_labels": NUM_LABELS, "local_files_only": True}
     if impl:
+        _register_if_ours(impl)
         kwargs["attn_implementation"] = impl
     if spec is not None and _dtype(spec.dtype) is not None:
         kwargs["dtype"] = _dtype(spec.dtype)

@@ -48,6 +48,11 @@ def predict_logits(
 
     tf = tokenizer.arena_format
     ids = encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens, swap=swap)
+    if _use_fast(model):
+        from arena_assets.gpu.packing import logits_of_ids_packed, uses_flex
+
+        if uses_flex(model):  # flex compiles per shape: fixed packed slabs, not padded batches
+            return logits_of_ids_packed(model, ids, tokenizer.pad_token_id, max(16384, max_length), desc=desc)
     n = len(ids)
     order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(n)
     collate = PadCollator(tokenizer.pad_token_id)
@@ -88,6 +93,13 @@ def _use_fast(model: Any) -> bool:
 def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: str = "tta") -> np.ndarray:
     """Logits in the original orientation; with ``infer.tta`` the mean of original and swapped-back."""
     if _use_fast(model):
+        from arena_assets.gpu.packing import tta_logits_packed, uses_flex
+
+        if uses_flex(model):  # packed slabs: no pad tokens, block-sparse flex attention
+            slab = max(int(getattr(infer, "slab_tokens", 16384)), infer.max_length)
+            return tta_logits_packed(
+                model, tokenizer, df, infer.max_length, fmt.prompt_max_tokens, tta=bool(infer.tta), slab_tokens=slab
+            )
         from arena_assets.gpu.fast import tta_logits_fast
 
         return tta_logits_fast(model, tokenizer, df, infer.max_length, fmt.prompt_max_tokens, tta=bool(infer.tta))

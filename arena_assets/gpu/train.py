@@ -73,7 +73,14 @@ def _make_trainer_cls() -> Any:
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
             labels = inputs.pop("labels")
             teacher = inputs.pop("teacher_logits", None)
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            if "seq_ends" in inputs:  # a packed slab (TrainSettings.packing, gpu/packing.py)
+                from transformers.modeling_outputs import SequenceClassifierOutput
+
+                from arena_assets.gpu.packing import packed_from_inputs, packed_logits
+
+                outputs = SequenceClassifierOutput(logits=packed_logits(model, packed_from_inputs(inputs)))
+            else:
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             if model.training:
                 loss, _ = kd_loss(outputs.logits, labels, teacher, **self.kd)
             else:
@@ -120,6 +127,16 @@ def _training_args(cfg: Any, output_dir: str, save: bool, has_eval: bool) -> Any
         report_to="none",
         disable_tqdm=False,
     )
+
+
+def make_collator(cfg: Any, pad_id: int) -> Any:
+    """Padded batches, or with ``cfg.packing`` one packed slab per batch (no pad tokens computed;
+    pair it with ``attn_implementation="arena_flex"`` on GPUs, see gpu/packing.py)."""
+    if getattr(cfg, "packing", False):
+        from arena_assets.gpu.packing import PackedCollator
+
+        return PackedCollator(pad_id, slab_tokens=cfg.packing_slab_tokens)
+    return PadCollator(pad_id)
 
 
 def _length_grouping(on: bool) -> dict[str, Any]:
@@ -238,7 +255,7 @@ def fit(
         args=args,
         train_dataset=train_ds,
         eval_dataset=valid_ds,
-        data_collator=PadCollator(tok.pad_token_id),
+        data_collator=make_collator(cfg, tok.pad_token_id),
         processing_class=tok,
         kd=kd,
     )

@@ -1,0 +1,370 @@
+"""Padding-free ("packed") batches for the sequence classifiers: inference and training.
+
+Why: on the real length distribution (mean ~700 tokens, max 2000) a padded batch wastes compute on
+pad tokens and, with a fixed row count, is too small to fill an H100. Packing concatenates whole
+rows into one sequence of ``slab_tokens`` tokens (batch dimension 1) and keeps them independent
+with a block-diagonal causal mask; rotary positions restart at 0 in each row; each row's logits
+are read at its last token (what HF's ``*ForSequenceClassification`` pooling does for a
+right-padded row). Results equal the padded forward up to float rounding
+(``tests/gpu/test_packing.py``), and a fixed slab shape means ``torch.compile`` compiles once.
+
+Attention: a packed mask is block-sparse. With ``arena_flex`` (registered here with transformers'
+``AttentionInterface``) it is a flex_attention ``BlockMask`` and Gemma-2's attention softcap is a
+``score_mod``: the fused kernel skips the masked blocks and never materialises the L x L scores.
+Why our own registration instead of transformers' ``flex_attention``: it compiles flex_attention
+once with static shapes and one ``score_mod`` object per softcap value, so dynamo never re-traces
+(transformers' wrapper builds a new closure per call and fell back to the unfused path after
+recompiles in our H100 runs, docs/gpu.md). Eager/sdpa get an additive 4-D mask (fine for tests
+and CPU; L^2 memory).
+
+Why written here: transformers' ``DataCollatorWithFlattening`` packs for causal-LM labels, not for
+one label per row; no maintained library pools a packed sequence classifier.
+
+The packed forward runs through ``model(...)`` itself (so DDP, peft and compiled layers all see a
+normal call) and reads the all-token logits of the classification head with a forward hook: HF's
+classifier applies ``score`` to every token before pooling one per row.
+
+Nothing here imports torch at module import.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from arena_assets.gpu.formatting import encode_rows, swap_probs
+
+log = logging.getLogger(__name__)
+
+ATTN_NAME = "arena_flex"
+FLEX_BLOCK = 128
+
+
+# ---------------------------------------------------------------------------------- bin packing
+def pack_bins(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Row indices grouped into bins of at most ``capacity`` tokens (best-fit decreasing).
+
+    Best-fit decreasing leaves under 1 % empty on the arena length mix with 16k-token bins; it is
+    O(n log n) plus a memmove per row (a sorted list of the open bins' free space).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > capacity:
+        raise ValueError(f"a row of {int(lengths.max())} tokens does not fit a bin of {capacity}")
+    order = np.argsort(-lengths, kind="stable")
+    free: list[tuple[int, int]] = []  # (free tokens, bin index), sorted
+    bins: list[list[int]] = []
+    for i in order:
+        n = int(lengths[i])
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, b = free.pop(k)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(int(i))
+        bisect.insort(free, (room - n, b))
+    return [np.asarray(b, dtype=np.int64) for b in bins]
+
+
+@dataclass
+class Packed:
+    """One packed slab: ``input_ids``/``position_ids``/``doc_ids`` of shape (1, T) and the index
+    of each row's last token (``ends``, in the order of ``rows``). Pad tokens at the tail form
+    their own document (id = number of rows) and are never read."""
+
+    input_ids: Any
+    position_ids: Any
+    doc_ids: Any
+    ends: Any
+    rows: np.ndarray
+
+    def to(self, device: Any) -> "Packed":
+        nb = getattr(device, "type", str(device)) == "cuda"
+        return Packed(*(t.to(device, non_blocking=nb) for t in (self.input_ids, self.position_ids, self.doc_ids, self.ends)), self.rows)
+
+
+def pack(rows: Sequence[Sequence[int]], pad_id: int, total: int | None = None, pad_multiple: int = FLEX_BLOCK) -> Packed:
+    """Concatenate ``rows`` into one slab of ``total`` tokens (default: their sum rounded up to
+    ``pad_multiple``; a fixed ``total`` gives every slab one shape for torch.compile)."""
+    import torch
+
+    lens = [len(r) for r in rows]
+    n = sum(lens)
+    if total is None:
+        total = -(-n // pad_multiple) * pad_multiple if pad_multiple > 1 else n
+    if n > total:
+        raise ValueError(f"{n} tokens do not fit a slab of {total}")
+    ids = np.full(total, pad_id, dtype=np.int64)
+    pos = np.zeros(total, dtype=np.int64)
+    doc = np.full(total, len(rows), dtype=np.int32)
+    ends = np.zeros(len(rows), dtype=np.int64)
+    at = 0
+    for j, r in enumerate(rows):
+        k = len(r)
+        ids[at : at + k] = r
+        pos[at : at + k] = np.arange(k)
+        doc[at : at + k] = j
+        ends[j] = at + k - 1
+        at += k
+    pos[at:] = np.arange(total - at)
+    as_t = torch.from_numpy
+    return Packed(as_t(ids)[None], as_t(pos)[None], as_t(doc)[None], as_t(ends), np.arange(len(rows)))
+
+
+# ---------------------------------------------------------------------------------- attention
+_COMPILED: dict[str, Any] = {}
+_SCORE_MODS: dict[float | None, Any] = {}
+
+
+def _softcap_mod(softcap: float | None) -> Any:
+    """One ``score_mod`` object per softcap value (a new closure per call would re-trace)."""
+    if softcap not in _SCORE_MODS:
+        import torch
+
+        if softcap is None:
+            _SCORE_MODS[None] = None
+        else:
+            cap = float(softcap)
+
+            def softcap_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+                return cap * torch.tanh(score / cap)
+
+            _SCORE_MODS[softcap] = softcap_mod
+    return _SCORE_MODS[softcap]
+
+
+def _flex(device_type: str) -> Any:
+    """flex_attention, compiled once (static shapes) on CUDA; the eager reference elsewhere."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention  # inside a compiled layer dynamo inlines it; on CPU: tests only
+    if "flex" not in _COMPILED:
+        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["flex"]
+
+
+def arena_flex_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers attention function: flex_attention with the block mask and the softcap.
+
+    ``query`` (B, H, L, D), ``key``/``value`` (B, KV, L, D) as transformers passes them; returns
+    (B, L, H, D). GQA runs natively (``enable_gqa``)."""
+    if dropout:
+        raise ValueError("arena_flex has no attention dropout (set attention_dropout=0)")
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if attention_mask is not None and not isinstance(attention_mask, BlockMask):
+        raise TypeError("arena_flex needs a flex BlockMask (use packing.packed_logits or transformers' flex mask)")
+    out = _flex(query.device.type)(
+        query,
+        key,
+        value,
+        score_mod=_softcap_mod(softcap),
+        block_mask=attention_mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Register ``arena_flex`` with transformers (attention and its mask builder); idempotent.
+    Load a model with ``attn_implementation="arena_flex"`` or call ``model.set_attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    AttentionInterface.register(ATTN_NAME, arena_flex_attention)
+    AttentionMaskInterface.register(ATTN_NAME, flex_attention_mask)
+    return ATTN_NAME
+
+
+def uses_flex(model: Any) -> bool:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl in (ATTN_NAME, "flex_attention")
+
+
+def _config(model: Any) -> Any:
+    cfg = getattr(model, "config", None)
+    if cfg is None and hasattr(model, "module"):  # DDP
+        cfg = model.module.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def packed_masks(model: Any, batch: Packed) -> Any:
+    """The mask(s) to pass as ``attention_mask``: a dict ``{"full_attention", "sliding_attention"}``
+    for models with sliding-window layers (Gemma-2), else one mask. BlockMask for flex, else an
+    additive float (1, 1, T, T) mask."""
+    import torch
+
+    cfg = _config(model)
+    doc = batch.doc_ids[0]
+    pos = batch.position_ids[0]
+    T = doc.shape[0]
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = set(getattr(cfg, "layer_types", None) or [])
+    sliding = "sliding_attention" in layer_types and window is not None
+    need_window = sliding and int(pos.max()) + 1 > int(window)  # a row longer than the window
+
+    if uses_flex(model):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def causal_doc(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return (doc[q] == doc[kv]) & (q >= kv)
+
+        def causal_doc_window(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return (doc[q] == doc[kv]) & (q >= kv) & (q - kv < window)
+
+        def mk(fn: Any) -> Any:
+            return create_block_mask(fn, B=None, H=None, Q_LEN=T, KV_LEN=T, device=doc.device, _compile=doc.is_cuda)
+
+        full = mk(causal_doc)
+        slide = mk(causal_doc_window) if need_window else full
+    else:
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        q = torch.arange(T, device=doc.device)
+        ok = (doc[:, None] == doc[None, :]) & (q[:, None] >= q[None, :])
+        neg = torch.finfo(dtype).min
+
+        def add(m: Any) -> Any:
+            return torch.zeros((1, 1, T, T), dtype=dtype, device=doc.device).masked_fill(~m[None, None], neg)
+
+        full = add(ok)
+        slide = add(ok & (q[:, None] - q[None, :] < window)) if need_window else full
+    return {"full_attention": full, "sliding_attention": slide} if sliding else full
+
+
+def _head(model: Any) -> Any:
+    """The outermost classification head module (``score``, ``classifier``)."""
+    best = None
+    for name, mod in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last in ("score", "classifier") and (best is None or name.count(".") < best[0].count(".")):
+            best = (name, mod)
+    if best is None:
+        raise ValueError(f"no classification head (score/classifier) in {type(model).__name__}")
+    return best[1]
+
+
+@contextmanager
+def _capture(module: Any) -> Iterator[dict[str, Any]]:
+    got: dict[str, Any] = {}
+
+    def hook(_m: Any, _inp: Any, out: Any) -> None:
+        got["out"] = out
+
+    h = module.register_forward_hook(hook)
+    try:
+        yield got
+    finally:
+        h.remove()
+
+
+def packed_logits(model: Any, batch: Packed) -> Any:
+    """(n_rows, 3) logits of a packed slab (on the model's device; differentiable)."""
+    masks = packed_masks(model, batch)
+    with _capture(_head(model)) as got:
+        model(input_ids=batch.input_ids, attention_mask=masks, position_ids=batch.position_ids, use_cache=False)
+    return got["out"][0, batch.ends]
+
+
+# ---------------------------------------------------------------------------------- inference
+def logits_of_ids_packed(
+    model: Any, ids: list[list[int]], pad_id: int, slab_tokens: int = 16384, desc: str = "predict-packed"
+) -> np.ndarray:
+    """(n, 3) float64 logits for encoded rows, in packed slabs of exactly ``slab_tokens`` tokens
+    (one shape: compiled layers compile once). ``slab_tokens`` bounds activation memory like a
+    token budget: 16384 is plenty to fill an H100; use 4096-8192 on 16 GB cards."""
+    import torch
+    from tqdm.auto import tqdm
+
+    longest = max((len(x) for x in ids), default=0)
+    if longest > slab_tokens:
+        raise ValueError(f"slab_tokens {slab_tokens} < longest row {longest}")
+    bins = pack_bins([len(x) for x in ids], slab_tokens)
+    dev = next(p.device for p in model.parameters())
+    out = torch.empty((len(ids), 3), dtype=torch.float32, device=dev)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b in tqdm(bins, desc=desc, leave=False, disable=len(bins) < 8):
+                batch = pack([ids[i] for i in b], pad_id, total=slab_tokens)
+                if dev.type == "cuda":
+                    batch = Packed(*(t.pin_memory() for t in (batch.input_ids, batch.position_ids, batch.doc_ids, batch.ends)), batch.rows)
+                batch = batch.to(dev)
+                out[torch.as_tensor(b, device=dev)] = packed_logits(model, batch).float()
+    finally:
+        model.train(was_training)
+    return out.cpu().numpy().astype(np.float64)
+
+
+def tta_logits_packed(
+    model: Any,
+    tokenizer: Any,
+    df: Any,
+    max_length: int,
+    prompt_max_tokens: int,
+    tta: bool = True,
+    slab_tokens: int = 16384,
+) -> np.ndarray:
+    """``predict.tta_logits``'s result (mean of original and swapped-back logits) with both
+    orientations packed into the same slabs."""
+    tf = tokenizer.arena_format
+    ids = encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens)
+    n = len(ids)
+    if tta:
+        ids = ids + encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens, swap=True)
+    z = logits_of_ids_packed(model, ids, tokenizer.pad_token_id, slab_tokens, desc="tta-packed")
+    if not tta:
+        return z
+    return 0.5 * (z[:n] + swap_probs(z[n:]))
+
+
+# ---------------------------------------------------------------------------------- training
+class PackedCollator:
+    """Trainer collator: a batch of rows becomes one packed slab plus per-row labels/teachers.
+
+    ``slab_tokens`` fixes the slab length (one compiled shape; must hold a whole batch) or, when
+    None, pads the sum to a multiple of ``pad_multiple`` (fewer wasted tokens, more shapes)."""
+
+    def __init__(self, pad_id: int, slab_tokens: int | None = None, pad_multiple: int = FLEX_BLOCK) -> None:
+        self.pad_id = pad_id
+        self.slab_tokens = slab_tokens
+        self.pad_multiple = pad_multiple
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        p = pack([it["input_ids"] for it in items], self.pad_id, self.slab_tokens, self.pad_multiple)
+        batch: dict[str, Any] = {
+            "input_ids": p.input_ids,
+            "position_ids": p.position_ids,
+            "doc_ids": p.doc_ids,
+            "seq_ends": p.ends,
+        }
+        if "labels" in items[0]:
+            batch["labels"] = torch.as_tensor(np.stack([it["labels"] for it in items]), dtype=torch.float32)
+        if "teacher_logits" in items[0]:
+            batch["teacher_logits"] = torch.as_tensor(np.stack([it["teacher_logits"] for it in items]), dtype=torch.float32)
+        return batch
+
+
+def packed_from_inputs(inputs: dict[str, Any]) -> Packed:
+    """The :class:`Packed` slab inside a collated (and device-moved) Trainer batch."""
+    return Packed(inputs["input_ids"], inputs["position_ids"], inputs["doc_ids"], inputs["seq_ends"], np.arange(len(inputs["seq_ends"])))
