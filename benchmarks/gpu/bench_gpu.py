@@ -192,6 +192,15 @@ def matmul_ceiling(n: int, reps: int = 30) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- model / data
+def _attn(impl: str) -> str:
+    """Register ``arena_flex`` with transformers when asked for."""
+    if impl == "arena_flex":
+        from arena_assets.gpu.packing import register_attention
+
+        register_attention()
+    return impl
+
+
 def set_attn(model: Any, impl: str) -> None:
     """Switch the attention implementation of a built model (eager / flex_attention / sdpa)."""
     if hasattr(model, "set_attn_implementation"):
@@ -232,6 +241,12 @@ def build_model(shape: dict[str, Any], pad_id: int, attn: str, seed: int = 0) ->
         torch.set_default_dtype(old)
     model.eval()
     return model
+
+
+def _layers(model: Any) -> Any:
+    from arena_assets.gpu.fast import decoder_layers
+
+    return decoder_layers(model)
 
 
 def n_nonemb(model: Any) -> int:
@@ -384,6 +399,26 @@ def phase_tta(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
         run(f"fast_flex_attention_budget{b}_pad128", "flex_attention",
             lambda: tta_logits_fast(model, tok, df, args.max_length, 256, max_tokens=b, max_rows=args.max_rows, pad_multiple=128),
             lambda: tta_logits_fast(model, tok, warm_df, args.max_length, 256, max_tokens=b, max_rows=args.max_rows, pad_multiple=128))
+    if "packed" in want or "packed_compiled" in want:
+        # the project's predict.tta_logits with arena_flex: packed slabs (gpu/packing.py)
+        from arena_assets.gpu.fast import compile_layers
+        from arena_assets.gpu.packing import register_attention
+
+        attn = register_attention()
+        for stage in [v for v in ("packed", "packed_compiled") if v in want]:
+            if stage == "packed_compiled":
+                t0 = time.perf_counter()
+                set_attn(model, attn)
+                compile_layers(model, dynamic=False)
+                res["compile_call_seconds_packed"] = time.perf_counter() - t0
+            for slab in args.slabs:
+                inf = InferSettings(max_length=args.max_length, batch_size=16, tta=True, slab_tokens=slab)
+                run(f"{stage}_{attn}_slab{slab}", attn,
+                    lambda i=inf: tta_logits(model, tok, df, Fmt, i),
+                    lambda i=inf: tta_logits(model, tok, warm_df, Fmt, i))
+        if "packed_compiled" in want:
+            for layer in _layers(model):  # back to plain modules for any later variant
+                layer._compiled_call_impl = None
     if "compiled" in want:
         from arena_assets.gpu.fast import compile_layers
 
@@ -397,7 +432,7 @@ def phase_tta(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
                 lambda b=budget: tta_logits_fast(model, tok, warm_df, args.max_length, 256, max_tokens=b, **fastkw))
     # same-result check: the fast path must give the project's logits (bf16 rounding aside)
     lg = res.get("_logits", {})
-    refname = next((k for k in ("project_flex_sorted_b16", "project_eager_sorted_b16", "naive_eager_order_b8") if k in lg), None)
+    refname = next((k for k in ("naive_eager_order_b8", "project_flex_sorted_b16", "project_eager_sorted_b16") if k in lg), None)
     if refname:
         ref = np.asarray(lg[refname])
         res["max_abs_logit_diff_vs_" + refname] = {
@@ -415,8 +450,8 @@ def phase_train(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], 
     from transformers import TrainerCallback
 
     from arena_assets.core.settings import TrainSettings
-    from arena_assets.gpu.data import PairDataset, PadCollator
-    from arena_assets.gpu.train import _make_trainer_cls, _training_args
+    from arena_assets.gpu.data import PairDataset
+    from arena_assets.gpu.train import _make_trainer_cls, _training_args, make_collator
 
     pad_id = 0
     model = build_model(shape, pad_id, args.fast_attn)
@@ -444,14 +479,30 @@ def phase_train(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], 
 
     rng = np.random.default_rng(0)
     kd = {"alpha": 0.5, "temperature": 2.0, "label_smoothing": 0.05, "mse_weight": 0.0, "cos_weight": 0.0}
+    compiled = False
     for spec in args.train_configs:
         L, bs, gc_on = int(spec[0]), int(spec[1]), bool(int(spec[2]))
         attn = spec[3] if len(spec) > 3 else args.fast_attn
+        flags = spec[4] if len(spec) > 4 else ""
+        pack, comp = "p" in flags, "c" in flags  # p: packed slabs (gpu/packing.py); c: compiled layers
         L = min(L, args.max_length) if args.tiny else L
-        name = f"L{L}_bs{bs}_gc{int(gc_on)}_{attn}"
+        name = f"L{L}_bs{bs}_gc{int(gc_on)}_{attn}" + ("_packed" if pack else "") + ("_compiled" if comp else "")
         steps = args.train_steps
         try:
+            if attn == "arena_flex":
+                from arena_assets.gpu.packing import register_attention
+
+                register_attention()
             set_attn(model, attn)
+            if comp and not compiled:
+                from arena_assets.gpu.fast import compile_layers
+
+                compile_layers(model, dynamic=False)
+                compiled = True
+            elif compiled and not comp:
+                for layer in _layers(model):
+                    layer._compiled_call_impl = None
+                compiled = False
             if not gc_on and getattr(model, "is_gradient_checkpointing", False):
                 model.gradient_checkpointing_disable()
             n = bs * steps
@@ -462,13 +513,14 @@ def phase_train(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], 
             cfg = TrainSettings(
                 learning_rate=5e-5, warmup_steps=0, per_device_batch_size=bs, grad_accum=1, max_steps=steps,
                 max_length=L, bf16=True, gradient_checkpointing=gc_on, logging_steps=10_000, group_by_length=False,
+                packing=pack, packing_slab_tokens=-(-bs * L // 128) * 128 if pack else None,
             )
             targs = _training_args(cfg, str(Path(args.out) / "trainer_scratch"), save=False, has_eval=False)
             if gc_on:
                 targs.gradient_checkpointing_kwargs = {"use_reentrant": False}
             timer = StepTimer()
             trainer = _make_trainer_cls()(
-                model=model, args=targs, train_dataset=ds, data_collator=PadCollator(pad_id), kd=kd, callbacks=[timer]
+                model=model, args=targs, train_dataset=ds, data_collator=make_collator(cfg, pad_id), kd=kd, callbacks=[timer]
             )
             free()
             t0 = time.perf_counter()
@@ -478,7 +530,7 @@ def phase_train(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], 
             st = float(np.median(timed_steps)) if timed_steps else float("nan")
             fl_step = 3 * float(flops_per_row(np.full(bs, L), n_lin, shape).sum())
             v = {
-                "seq_len": L, "micro_batch": bs, "gradient_checkpointing": gc_on, "attn": attn,
+                "seq_len": L, "micro_batch": bs, "gradient_checkpointing": gc_on, "attn": attn, "packed": pack, "compiled": comp,
                 "step_times_s": timer.times, "median_step_s": st, "tokens_per_s": bs * L / st,
                 "tflops": fl_step / st / 1e12, "frac_of_ceiling": fl_step / st / 1e12 / ceiling if ceiling else None,
                 "peak_gib": peak_gib(), "wall_s": wall,
@@ -499,23 +551,36 @@ def phase_train(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], 
 
 # ----------------------------------------------------------------------------- fixed-shape forward
 def forward_rate(model: Any, bs: int, L: int, iters: int, vocab: int) -> dict[str, Any]:
+    """bs rows of L tokens: one padded-free batch, or (flex models) one packed slab of bs*L tokens."""
     import torch
+
+    from arena_assets.gpu.packing import pack, packed_logits, uses_flex
 
     dev = next(p.device for p in model.parameters())
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(10, vocab, (bs, L), generator=g).to(dev)
     m = torch.ones_like(x)
+    if uses_flex(model):
+        slab = pack(x.cpu().tolist(), 0).to(dev)
+
+        def fwd() -> Any:
+            return packed_logits(model, slab).float()
+    else:
+
+        def fwd() -> Any:
+            return model(input_ids=x, attention_mask=m).logits.float()
+
     with torch.inference_mode():
-        out = model(input_ids=x, attention_mask=m).logits.float()
+        out = fwd()
         sync()
         free()
         t0 = time.perf_counter()
         for _ in range(iters):
-            out = model(input_ids=x, attention_mask=m).logits.float()
+            out = fwd()
         sync()
         t = (time.perf_counter() - t0) / iters
     probs = torch.softmax(out, -1).cpu().numpy()
-    return {"batch": bs, "seq_len": L, "s_per_batch": t, "tokens_per_s": bs * L / t, "peak_gib": peak_gib(),
+    return {"batch": bs, "seq_len": L, "packed": uses_flex(model), "s_per_batch": t, "tokens_per_s": bs * L / t, "peak_gib": peak_gib(),
             "probs": probs.round(5).tolist()}
 
 
@@ -524,7 +589,8 @@ def phase_int8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], c
 
     res: dict[str, Any] = {"shape": f"batch {args.q_batch} x {args.q_len}", "method": "bitsandbytes LLM.int8 (Linear8bitLt, threshold 6.0, has_fp16_weights=False)"}
     rec.put("int8", res)
-    model = build_model(shape, 0, args.fast_attn)
+    model = build_model(shape, 0, _attn(args.q_attn))
+    res["attn"] = args.q_attn
     n_lin = n_nonemb(model)
     fl = float(flops_per_row(np.full(args.q_batch, args.q_len), n_lin, shape).sum())
     try:
@@ -560,15 +626,28 @@ def phase_int8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], c
 def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
     """bf16 vs fast.fp8_linearize (row and tensor scales) at batch 8 x 2000 (fixed) and on the TTA
     rows (real lengths, token-budget pass); then the fastest granularity with compiled layers."""
+    from arena_assets.core.settings import InferSettings
     from arena_assets.gpu.fast import compile_layers, fp8_linearize, tta_logits_fast
+    from arena_assets.gpu.packing import uses_flex
+    from arena_assets.gpu.predict import tta_logits
 
     res: dict[str, Any] = {"method": "arena_assets.gpu.fast.fp8_linearize: torch._scaled_mm, e4m3 weights and activations (dynamic scales), bf16 out; the 3-class head stays bf16"}
     rec.put("fp8", res)
     df, tok = synthetic_table(args.rows, seed=1)  # the TTA phase's rows: its compiled bf16 rate compares
     b = args.token_budgets[0]
     kw = {"max_tokens": b, "max_rows": args.max_rows, "pad_multiple": args.pad_multiple}
+    attn = _attn(args.q_attn)
+    res["attn"] = attn
+    inf = InferSettings(max_length=args.max_length, batch_size=16, tta=True, slab_tokens=args.slabs[0])
+
+    class Fmt:
+        prompt_max_tokens = 256
 
     def real(model: Any) -> tuple[np.ndarray, float]:
+        # the project's TTA entry point: packed slabs for flex models, token-budget batches otherwise
+        if uses_flex(model):
+            tta_logits(model, tok, df.head(64), Fmt, inf)
+            return timed(lambda: tta_logits(model, tok, df, Fmt, inf))
         tta_logits_fast(model, tok, df.head(64), args.max_length, 256, **kw)
         return timed(lambda: tta_logits_fast(model, tok, df, args.max_length, 256, **kw))
 
@@ -577,7 +656,7 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
         return e / e.sum(1, keepdims=True)
 
     try:
-        model = build_model(shape, tok.pad_token_id, args.fast_attn)
+        model = build_model(shape, tok.pad_token_id, attn)
         res["bf16_fixed"] = forward_rate(model, args.q_batch, args.q_len, args.q_iters, shape["vocab_size"])
         zb, tb = real(model)
         res["bf16_real"] = {"rows": len(df), "seconds": tb, "rows_per_s": len(df) / tb}
@@ -587,7 +666,7 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
             if i:
                 del model
                 free()
-                model = build_model(shape, tok.pad_token_id, args.fast_attn)
+                model = build_model(shape, tok.pad_token_id, attn)
             fp8_linearize(model, granularity=gran)
             free()
             r: dict[str, Any] = {"weights_gib": peak_gib()}
@@ -608,9 +687,9 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
             if gran != args.fp8_granularity[-1]:
                 del model
                 free()
-                model = build_model(shape, tok.pad_token_id, args.fast_attn)
+                model = build_model(shape, tok.pad_token_id, attn)
                 fp8_linearize(model, granularity=gran)
-            compile_layers(model)
+            compile_layers(model, dynamic=not uses_flex(model))
             zc, tc = real(model)
             res["compiled"] = {"granularity": gran, "rows": len(df), "seconds": tc, "rows_per_s": len(df) / tc,
                                "max_abs_prob_diff_vs_bf16_real": float(np.abs(softmax(zb) - softmax(zc)).max()),
@@ -690,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--q-batch", type=int, default=8)
     ap.add_argument("--q-len", type=int, default=2000)
     ap.add_argument("--q-iters", type=int, default=4)
+    ap.add_argument("--q-attn", default="eager", help="attention for the int8/fp8 phases (arena_flex: packed)")
+    ap.add_argument("--slabs", type=lambda s: [int(x) for x in s.split(",")], default=[16384],
+                    help="packed slab sizes (tokens) for the packed TTA variants")
     ap.add_argument("--ceiling-n", type=int, default=8192)
     args = ap.parse_args(argv)
     args.train_configs = [c.split(":") for c in args.train_configs.split(",") if c]
