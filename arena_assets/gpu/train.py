@@ -123,6 +123,7 @@ def _training_args(cfg: Any, output_dir: str, save: bool, has_eval: bool) -> Any
         dataloader_num_workers=cfg.dataloader_workers,
         **_length_grouping(cfg.group_by_length),
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # LoRA or full fine-tuning: every trainable param is used each step
         label_names=["labels"],
         report_to="none",
         disable_tqdm=False,

@@ -655,6 +655,36 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
         e = np.exp(z - z.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
+    if args.fp8_compiled_only:
+        # the production comparison: both models with compiled layers, on the TTA rows
+        try:
+            model = build_model(shape, tok.pad_token_id, attn)
+            compile_layers(model, dynamic=not uses_flex(model))
+            zb, tb = real(model)
+            res["bf16_compiled_real"] = {"rows": len(df), "seconds": tb, "rows_per_s": len(df) / tb, "peak_gib": peak_gib()}
+            rec.put("fp8", res)
+            for gran in args.fp8_granularity:
+                del model
+                free()
+                model = build_model(shape, tok.pad_token_id, attn)
+                fp8_linearize(model, granularity=gran)
+                free()
+                compile_layers(model, dynamic=not uses_flex(model))
+                zc, tc = real(model)
+                res[f"compiled_{gran}"] = {
+                    "rows": len(df), "seconds": tc, "rows_per_s": len(df) / tc, "over_bf16_compiled_speed": tb / tc,
+                    "max_abs_prob_diff_vs_bf16_real_random_init": float(np.abs(softmax(zb) - softmax(zc)).max()),
+                    "peak_gib": peak_gib(),
+                }
+                rec.put("fp8", res)
+            del model
+        except Exception as e:  # noqa: BLE001
+            res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            res["trace"] = traceback.format_exc()[-2000:]
+            log.error("fp8 failed: %s", e)
+        rec.put("fp8", res)
+        free()
+        return
     try:
         model = build_model(shape, tok.pad_token_id, attn)
         res["bf16_fixed"] = forward_rate(model, args.q_batch, args.q_len, args.q_iters, shape["vocab_size"])
@@ -700,6 +730,51 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
         res["trace"] = traceback.format_exc()[-2000:]
         log.error("fp8 failed: %s", e)
     rec.put("fp8", res)
+    free()
+
+
+def phase_fp8fid(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
+    """FP8 fidelity on a TRAINED model: the fidelity benchmark's merged tiny student (``--fid-dir``
+    holds its ``model/`` and the ``table.parquet`` of test rows), bf16 vs ``fp8_linearize``
+    probabilities on the GPU (issue 9: within 0.02)."""
+    import torch
+
+    from arena_assets.core.settings import FormatSettings, InferSettings
+    from arena_assets.gpu.fast import fp8_linearize
+    from arena_assets.gpu.models import load_classifier
+    from arena_assets.gpu.predict import predict_logits
+
+    res: dict[str, Any] = {"model": "fidelity benchmark's merged student (benchmarks/bench_fidelity.py, known-answer sample)"}
+    try:
+        import pandas as pd
+
+        fid = Path(args.fid_dir)
+        df = pd.read_parquet(fid / "table.parquet")
+        fmt, inf = FormatSettings(), InferSettings()
+        res["rows"] = len(df)
+
+        def probs(model: Any) -> np.ndarray:
+            z = predict_logits(model, tok, df, inf.max_length, fmt.prompt_max_tokens, batch_size=64)
+            e = np.exp(z - z.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+
+        model, tok = load_classifier(fid / "model")
+        model = model.to("cuda" if cuda() else "cpu", torch.bfloat16).eval()
+        pb = probs(model)
+        res["config"] = {k: getattr(model.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "head_dim")}
+        for gran in args.fp8_granularity:
+            m, _ = load_classifier(fid / "model")
+            m = m.to("cuda" if cuda() else "cpu", torch.bfloat16).eval()
+            fp8_linearize(m, granularity=gran)
+            pf = probs(m)
+            res[gran] = {"max_abs_prob_diff_vs_bf16": float(np.abs(pf - pb).max()),
+                         "mean_abs_prob_diff_vs_bf16": float(np.abs(pf - pb).mean())}
+            del m
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        res["trace"] = traceback.format_exc()[-2000:]
+        log.error("fp8fid failed: %s", e)
+    rec.put("fp8fid", res)
     free()
 
 
@@ -769,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--q-batch", type=int, default=8)
     ap.add_argument("--q-len", type=int, default=2000)
     ap.add_argument("--q-iters", type=int, default=4)
+    ap.add_argument("--fp8-compiled-only", type=int, default=0, help="fp8 phase: only bf16 vs FP8 with compiled layers")
+    ap.add_argument("--fid-dir", default=str(ROOT / ".fid"), help="fp8fid phase: trained model/ + table.parquet")
     ap.add_argument("--q-attn", default="eager", help="attention for the int8/fp8 phases (arena_flex: packed)")
     ap.add_argument("--slabs", type=lambda s: [int(x) for x in s.split(",")], default=[16384],
                     help="packed slab sizes (tokens) for the packed TTA variants")
@@ -788,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = c["tflops"]
         rec.put("ceiling", c)
         log.info("ceiling %.1f TFLOP/s", ceiling)
-    for name, fn in (("gemm8", phase_gemm8), ("tta", phase_tta), ("train", phase_train), ("int8", phase_int8), ("fp8", phase_fp8)):
+    for name, fn in (("gemm8", phase_gemm8), ("fp8fid", phase_fp8fid), ("tta", phase_tta), ("fp8", phase_fp8),
+                     ("int8", phase_int8), ("train", phase_train)):
         if name in phases:
             t0 = time.perf_counter()
             fn(rec, args, shape, ceiling)
@@ -811,9 +889,11 @@ def summary(d: dict[str, Any]) -> None:
     for k, v in d.get("train", {}).get("configs", {}).items():
         print(f"train {k:26s} " + (f"{v['tokens_per_s']:.0f} tok/s frac {v['frac_of_ceiling'] or 0:.3f} peak {v['peak_gib'] or 0:.1f}G" if "error" not in v else v["error"][:200]))
     print("gemm8", json.dumps({k: {a: round(b.get("tflops", 0), 1) for a, b in v.items()} for k, v in d.get("gemm8", {}).items() if isinstance(v, dict)}))
+    if "fp8fid" in d:
+        print("fp8fid", {k: v for k, v in d["fp8fid"].items() if k != "trace"})
     for ph in ("int8", "fp8"):
         if ph == "fp8" and ph in d:
-            for g in ("row", "tensor", "compiled"):
+            for g in ("row", "tensor", "compiled", "compiled_row", "compiled_tensor", "bf16_compiled_real"):
                 if g in d[ph]:
                     print("fp8", g, {k: v for k, v in d[ph][g].items() if not isinstance(v, dict)}, d[ph][g].get("real"))
         if ph in d:
