@@ -623,6 +623,38 @@ def phase_int8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], c
     free()
 
 
+def phase_gptq(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
+    """GPTQ 8-bit (GPTQModel's own QuantLinear, benchmarks/gpu/gptq_random.py) vs bf16 at batch
+    q_batch x q_len: throughput and peak memory, same forward (packed slab with arena_flex)."""
+    import torch
+
+    res: dict[str, Any] = {"shape": f"batch {args.q_batch} x {args.q_len}", "attn": args.q_attn}
+    rec.put("gptq", res)
+    model = build_model(shape, 0, _attn(args.q_attn))
+    try:
+        res["bf16"] = forward_rate(model, args.q_batch, args.q_len, args.q_iters, shape["vocab_size"])
+        rec.put("gptq", res)
+        sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+        from gptq_random import gptq_linearize
+
+        t0 = time.perf_counter()
+        res["method"] = gptq_linearize(model, bits=8, group_size=128)
+        res["convert_seconds"] = time.perf_counter() - t0
+        free()
+        res["gptq_weights_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda() else None
+        res["gptq"] = forward_rate(model, args.q_batch, args.q_len, args.q_iters, shape["vocab_size"])
+        res["gptq_over_bf16_speed"] = res["gptq"]["tokens_per_s"] / res["bf16"]["tokens_per_s"]
+        pb, pq = np.asarray(res["bf16"]["probs"]), np.asarray(res["gptq"]["probs"])
+        res["max_abs_prob_diff_vs_bf16_random_init"] = float(np.abs(pb - pq).max())
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        res["trace"] = traceback.format_exc()[-2000:]
+        log.error("gptq failed: %s", e)
+    rec.put("gptq", res)
+    del model
+    free()
+
+
 def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
     """bf16 vs fast.fp8_linearize (row and tensor scales) at batch 8 x 2000 (fixed) and on the TTA
     rows (real lengths, token-budget pass); then the fastest granularity with compiled layers."""
@@ -865,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = c["tflops"]
         rec.put("ceiling", c)
         log.info("ceiling %.1f TFLOP/s", ceiling)
-    for name, fn in (("gemm8", phase_gemm8), ("fp8fid", phase_fp8fid), ("tta", phase_tta), ("fp8", phase_fp8),
+    for name, fn in (("gemm8", phase_gemm8), ("fp8fid", phase_fp8fid), ("gptq", phase_gptq), ("tta", phase_tta), ("fp8", phase_fp8),
                      ("int8", phase_int8), ("train", phase_train)):
         if name in phases:
             t0 = time.perf_counter()
@@ -891,6 +923,10 @@ def summary(d: dict[str, Any]) -> None:
     print("gemm8", json.dumps({k: {a: round(b.get("tflops", 0), 1) for a, b in v.items()} for k, v in d.get("gemm8", {}).items() if isinstance(v, dict)}))
     if "fp8fid" in d:
         print("fp8fid", {k: v for k, v in d["fp8fid"].items() if k != "trace"})
+    if "gptq" in d:
+        g = d["gptq"]
+        print("gptq", {k: v for k, v in g.items() if k not in ("trace", "bf16", "gptq")},
+              {k: {a: b for a, b in g[k].items() if a != "probs"} for k in ("bf16", "gptq") if k in g})
     for ph in ("int8", "fp8"):
         if ph == "fp8" and ph in d:
             for g in ("row", "tensor", "compiled", "compiled_row", "compiled_tensor", "bf16_compiled_real"):
