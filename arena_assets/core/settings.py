@@ -128,6 +128,11 @@ class TrainSettings(_Frozen):
     packing_slab_tokens: int | None = None
     """Fixed slab length (one shape for torch.compile; must hold a whole batch); None = the
     batch's tokens rounded up to 128."""
+    compile: bool = False
+    """CUDA: ``torch.compile`` each decoder layer (gpu/fast.compile_layers, static shapes). With
+    packing + arena_flex it took the 9B student's LoRA step from 0.36 to 0.56 of the H100's bf16
+    ceiling (docs/gpu.md); every new slab length compiles once, so pair it with
+    ``packing_slab_tokens`` when rows have one length, or expect a compile per length bucket."""
 
 
 class FormatSettings(_Frozen):
@@ -239,6 +244,9 @@ class InferSettings(_Frozen):
     slab_tokens: int = 16384
     """CUDA with flex attention (``arena_flex``): rows are packed into slabs of this many tokens
     (gpu/packing.py); it bounds activation memory like a batch size (4096-8192 on 16 GB cards)."""
+    compile: bool = True
+    """CUDA with ``arena_flex``: ``torch.compile`` each decoder layer once for the fixed slab shape
+    (about a minute of warm-up on an H100; 0.46 -> 0.64 of the bf16 ceiling, docs/gpu.md)."""
 
 
 class EnsembleSettings(_Frozen):

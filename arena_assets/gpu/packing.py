@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class Packed:
     ends: Any
     rows: np.ndarray
 
-    def to(self, device: Any) -> "Packed":
+    def to(self, device: Any) -> Packed:
         nb = getattr(device, "type", str(device)) == "cuda"
         return Packed(*(t.to(device, non_blocking=nb) for t in (self.input_ids, self.position_ids, self.doc_ids, self.ends)), self.rows)
 

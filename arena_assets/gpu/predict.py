@@ -97,6 +97,10 @@ def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: 
 
         if uses_flex(model):  # packed slabs: no pad tokens, block-sparse flex attention
             slab = max(int(getattr(infer, "slab_tokens", 16384)), infer.max_length)
+            if getattr(infer, "compile", False):
+                from arena_assets.gpu.fast import compile_layers
+
+                compile_layers(model, dynamic=False)  # idempotent; one shape: the slab
             return tta_logits_packed(
                 model, tokenizer, df, infer.max_length, fmt.prompt_max_tokens, tta=bool(infer.tta), slab_tokens=slab
             )

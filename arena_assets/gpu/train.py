@@ -251,6 +251,13 @@ def fit(
         scratch = tempfile.mkdtemp(prefix=f"arena-{step}-")
         output_dir, resume = scratch, None
     args = _training_args(cfg, output_dir, save=checkpoint_dir is not None, has_eval=valid_ds is not None)
+    if getattr(cfg, "compile", False):
+        import torch
+
+        if torch.cuda.is_available():
+            from arena_assets.gpu.fast import compile_layers
+
+            compile_layers(model, dynamic=False)
     trainer = _make_trainer_cls()(
         model=model,
         args=args,

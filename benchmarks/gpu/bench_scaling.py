@@ -73,7 +73,10 @@ def run_tta(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
 
     shape = B.TINY if args.tiny else B.GEMMA2_9B
     df, tok = B.synthetic_table(args.rows, seed=1)
-    mine = df.iloc[shard_rows(len(df), rank, world)].reset_index(drop=True)
+    chars = None
+    if args.shard == "balanced":  # by characters of the three spans (a proxy of tokens)
+        chars = (df["prompt"].str.len() + df["response_a"].str.len() + df["response_b"].str.len()).to_numpy()
+    mine = df.iloc[shard_rows(len(df), rank, world, chars)].reset_index(drop=True)
     warm, _ = B.synthetic_table(32, seed=2)
     model = B.build_model(shape, tok.pad_token_id, B._attn(args.attn))
     inf = InferSettings(max_length=args.max_length, batch_size=16, tta=True, slab_tokens=args.slab)
@@ -85,7 +88,7 @@ def run_tta(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
     B.sync()
     mine_s = time.perf_counter() - t0
     slowest = _max_over_ranks(mine_s)
-    return {"rows": len(df), "rows_this_rank": len(mine), "seconds_this_rank": mine_s, "seconds_slowest": slowest,
+    return {"rows": len(df), "shard": args.shard, "rows_this_rank": len(mine), "seconds_this_rank": mine_s, "seconds_slowest": slowest,
             "rows_per_s": len(df) / slowest, "attn": args.attn, "peak_gib": B.peak_gib()}
 
 
@@ -104,11 +107,11 @@ def run_train(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=64, lora_alpha=128, lora_dropout=0.0,
                                              target_modules="all-linear"))
     rng = np.random.default_rng(0)
-    n = bs * args.steps * world
+    n = bs * args.steps * world * args.grad_accum
     ds = PairDataset(rng.integers(10, shape["vocab_size"], size=(n, L)).tolist(), np.eye(3)[rng.integers(0, 3, size=n)],
                      np.log(rng.dirichlet([1, 1, 1], size=(n, 2))).astype(np.float32))
     pack = args.packing
-    cfg = TrainSettings(learning_rate=5e-5, warmup_steps=0, per_device_batch_size=bs, grad_accum=1, max_steps=args.steps,
+    cfg = TrainSettings(learning_rate=5e-5, warmup_steps=0, per_device_batch_size=bs, grad_accum=args.grad_accum, max_steps=args.steps,
                         max_length=L, bf16=True, gradient_checkpointing=False, logging_steps=10_000,
                         group_by_length=False, packing=pack, packing_slab_tokens=-(-bs * L // 128) * 128 if pack else None)
     targs = _training_args(cfg, f"/tmp/scaling_scratch_{rank}", save=False, has_eval=False)
@@ -134,7 +137,8 @@ def run_train(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]
     step = float(np.median(timer.times[2:])) if len(timer.times) > 2 else float("nan")
     step = _max_over_ranks(step)
     return {"seq_len": L, "micro_batch_per_gpu": bs, "attn": args.attn, "packing": pack, "step_times_s": timer.times,
-            "median_step_s": step, "tokens_per_s": world * bs * L / step, "ddp": world > 1,
+            "grad_accum": args.grad_accum, "median_step_s": step,
+            "tokens_per_s": world * bs * args.grad_accum * L / step, "ddp": world > 1,
             "model_class": type(trainer.model_wrapped).__name__, "peak_gib": B.peak_gib()}
 
 
@@ -151,6 +155,10 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--shard", choices=["strided", "balanced"], default="balanced",
+                    help="tta: strided rows or token-balanced shards (fast.shard_rows); call 9 measured strided")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (DDP all-reduces once per step; 1st place: global batch 64)")
     args = ap.parse_args()
     rank, world, _ = _dist()
     out = (run_tta if args.mode == "tta" else run_train)(args, rank, world)

@@ -103,3 +103,27 @@ def test_fp8_linearize_close_to_bf16() -> None:
         pytest.skip(f"torch._scaled_mm not available on this device: {e}")
     assert torch.isfinite(got).all()
     assert (got - ref).abs().max().item() < 0.02
+
+
+def test_shard_rows_balanced_by_length() -> None:
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(10, 2000, size=257)
+    parts = [shard_rows(257, r, 3, lengths) for r in range(3)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(257))
+    loads = [int(lengths[p].sum()) for p in parts]
+    assert max(loads) - min(loads) <= int(lengths.max())  # within one row of each other
+    strided = [int(lengths[shard_rows(257, r, 3)].sum()) for r in range(3)]
+    assert max(loads) - min(loads) <= max(strided) - min(strided)
+
+
+def test_fp8_mlp_scope_leaves_attention_bf16() -> None:
+    import torch
+
+    _, _, model = _tiny(4)
+    model = model.to(torch.bfloat16)
+    assert fp8_linearize(model, scope="mlp") == 2 * 3  # gate, up, down in each of 2 layers
+    attn = model.model.layers[0].self_attn
+    assert all(type(getattr(attn, p)).__name__ == "Linear" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Fp8Linear"
+    with pytest.raises(ValueError):
+        fp8_linearize(model, scope="attention")

@@ -20,7 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _model(arch: str = "gemma2", attn: str = "eager", sliding_window: int = 24):
     import torch
-    from transformers import Gemma2Config, Gemma2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     torch.manual_seed(0)
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
