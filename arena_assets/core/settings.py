@@ -244,6 +244,9 @@ class InferSettings(_Frozen):
     slab_tokens: int = 16384
     """CUDA with flex attention (``arena_flex``): rows are packed into slabs of this many tokens
     (gpu/packing.py); it bounds activation memory like a batch size (4096-8192 on 16 GB cards)."""
+    gpus: int | None = None
+    """GPUs the TTA steps shard rows over (one process per GPU, length-balanced shards, no
+    communication): None = every GPU the job sees; 1 = one process."""
     compile: bool = True
     """CUDA with ``arena_flex``: ``torch.compile`` each decoder layer once for the fixed slab shape
     (about a minute of warm-up on an H100; 0.46 -> 0.64 of the bf16 ceiling, docs/gpu.md)."""

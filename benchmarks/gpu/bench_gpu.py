@@ -5,13 +5,17 @@ off at the device's time limit still returns what it measured. Phases:
 
 * ``ceiling`` - the card's bf16 matmul rate (8192^3, random data, rotating inputs, median).
 * ``tta``     - TTA inference on the real length distribution (benchmarks/gpu/arena_lengths.json):
-                naive (dataset order, batch 8, pad to longest, eager) and the project's
-                ``predict.tta_logits`` (sorted, flex_attention), both through the project function,
-                and ``fast.tta_logits_fast`` (token-budget batches, both orientations in one pass).
+                naive (dataset order, batch 8, pad to longest, eager), the project's
+                ``predict.tta_logits`` with arena_flex (packed slabs, gpu/packing.py; ``packed``,
+                ``packed_compiled``), and the older token-budget variants of ``gpu/fast.py``.
 * ``train``   - the student's LoRA step (r=64, alpha=128, all-linear) through the project's
-                ``ArenaTrainer`` and ``_training_args`` (bf16, flex_attention), lengths 1024/2000.
+                ``ArenaTrainer``, ``_training_args`` and ``make_collator`` (bf16; packed / compiled
+                per config flags).
 * ``int8``    - bitsandbytes LLM.int8 vs bf16 at batch 8 x 2000: throughput and peak memory.
-* ``fp8``     - ``fast.fp8_linearize`` (torch._scaled_mm, e4m3 rowwise) vs bf16, fixed and real lengths.
+* ``gptq``    - GPTQ 8-bit through GPTQModel's QuantLinear (benchmarks/gpu/gptq_random.py) vs bf16.
+* ``fp8``     - ``fast.fp8_linearize`` (torch._scaled_mm, e4m3) vs bf16 (``--fp8-compiled-only``:
+                both with compiled layers on the TTA rows).
+* ``fp8fid``  - FP8 vs bf16 probabilities on the fidelity benchmark's trained student (``--fid-dir``).
 
 Random-init weights: speed and memory do not depend on weight values. ``--tiny`` runs the same
 code on a tiny Gemma-2 on CPU (a dry run before spending device time; its numbers mean nothing).

@@ -69,6 +69,28 @@ def test_student_distils_and_ce_baseline(data: dict[str, Any], base: Any, studen
     assert ce.metrics["valid_logloss"] < prior - 0.05
 
 
+def test_packed_student_trains_like_the_padded_one(data: dict[str, Any], base: Any, oof: Path, student: Any, tmp_path: Path) -> None:
+    """TrainSettings.packing through the whole Trainer run (collator, KD loss, evaluation): the same
+    batches without padding give the same model up to float rounding."""
+    cfg = STUDENT.model_copy(update={"train": STUDENT.train.model_copy(update={"packing": True})})
+    packed = train_student(base.path("model"), cfg, FMT, data["train0"], data["valid0"], oof, out_dir=tmp_path / "p")
+    assert abs(packed.metrics["train_loss"] - student.metrics["train_loss"]) < 1e-3
+    assert abs(packed.metrics["valid_logloss"] - student.metrics["valid_logloss"]) < 1e-3
+
+
+def test_sharded_tta_equals_one_process(data: dict[str, Any], student: Any) -> None:
+    """The several-GPU path's plumbing with real processes: two shards on CPU (device "") give
+    the one-process logits, in row order."""
+    from arena_assets.gpu.predict import _load, inference_devices, sharded_tta_logits, tta_logits
+
+    assert inference_devices(INFER) == []  # no GPUs here: TTA steps stay in one process
+    model, tok = _load(student.path("model"))
+    ref = tta_logits(model, tok, read_table(data["valid0"]), FMT, INFER)
+    z, rec = sharded_tta_logits(student.path("model"), data["valid0"], FMT, INFER, ["", ""])
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
+    assert rec["tta_devices"] == ["cpu", "cpu"]
+
+
 def test_student_refuses_oof_missing_ids(data: dict[str, Any], base: Any, oof: Path, tmp_path: Path) -> None:
     t = pd.read_parquet(oof)
     drop = set(read_table(data["train0"])["id"].head(3))  # three of the student's own train rows
