@@ -282,6 +282,10 @@ class StepNeeds(_Frozen):
     mem_gb: int = 4
     time_min: int = 60
     nodes: int = 1
+    tasks_per_node: int = 1
+    """Ranks per node (Slurm). > 1 on a training step = data-parallel training: one rank per GPU
+    (set it to ``gpus``), torch.distributed's env exported by submitit, DDP by the Trainer; rank
+    0 alone writes the artifact. ``cpus`` is per rank. ``nodes`` > 1 = multi-node, same code."""
 
 
 class SlurmSettings(_Frozen):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,22 @@ def _merge(model: Any, tok: Any, spec: Any, init_dir: Path, tmp: Path) -> Any:
     return merged
 
 
-def post_pretrain(spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any], *, out_dir: Any) -> StepResult:
-    """Step 1 (see the module doc). ``corpus``: tables whose TEXT trains a tiny tokenizer."""
+def post_pretrain(spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any], *, out_dir: Any) -> StepResult | None:
+    """Step 1 (see the module doc). ``corpus``: tables whose TEXT trains a tiny tokenizer.
+
+    In data-parallel training (``RANK`` > 0: Slurm ``tasks_per_node`` > 1 or torchrun) a rank
+    runs the same deterministic step into a scratch folder and returns None: rank 0 alone writes.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="arena-rank-") as scratch:
+            _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=Path(scratch) / "out")
+        return None
+    return _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=out_dir)
+
+
+def _post_pretrain(spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any], *, out_dir: Any) -> StepResult:
     setup_torch(cfg.train.seed)
     tf = format_for_spec(spec)
     with step_output(out_dir, "post_pretrain") as (tmp, res):

@@ -267,7 +267,7 @@ def fit(
         processing_class=tok,
         kd=kd,
     )
-    info: dict[str, Any] = {"resumed_from": resume}
+    info: dict[str, Any] = {"resumed_from": resume, "world_size": int(args.world_size)}
     if resume:
         log.info("%s: resuming from %s", step, resume)
         info["resumed_global_step"] = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
@@ -298,7 +298,7 @@ def _fit_classifier(
     out_dir: Any,
     checkpoint_dir: Any,
     extra_info: dict[str, Any],
-) -> StepResult:
+) -> StepResult | None:
     from arena_assets.gpu.models import read_spec, save_classifier, write_spec
     from arena_assets.gpu.predict import predict_logits, prediction_frame, scores, write_parquet
 
@@ -313,6 +313,9 @@ def _fit_classifier(
         "fmt": json.loads(fmt.model_dump_json()),
         "base": str(Path(base_dir).resolve()),
     }
+    if _rank() != 0:  # a data-parallel rank (Slurm tasks_per_node > 1, torchrun): train, write nothing
+        fit(step, model, tok, tcfg, train_ds, valid_ds, kd, checkpoint_dir, fingerprint)
+        return None
     with step_output(out_dir, step) as (tmp, res):
         trainer, tinfo = fit(step, model, tok, tcfg, train_ds, valid_ds, kd, checkpoint_dir, fingerprint)
         history = tinfo.pop("history")
@@ -331,6 +334,11 @@ def _fit_classifier(
     return StepResult.read(out_dir)
 
 
+def _rank() -> int:
+    """This process's rank in data-parallel training (torch.distributed's ``RANK``; 0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _rows(df: Any) -> Any:
     return df[[c for c in TABLE_COLUMNS if c in df.columns]].reset_index(drop=True)
 
@@ -346,7 +354,7 @@ def train_teacher(
     *,
     out_dir: Any,
     checkpoint_dir: Any = None,
-) -> StepResult:
+) -> StepResult | None:
     """Step 3: one teacher for one fold and family (fold's train part + optional external rows)."""
     import pandas as pd
 
@@ -378,7 +386,7 @@ def train_student(
     *,
     out_dir: Any,
     checkpoint_dir: Any = None,
-) -> StepResult:
+) -> StepResult | None:
     """Step 5: the KD student of one fold (``teacher_oof`` None or alpha=0: the CE-only baseline)."""
     train, valid = read_table(train_table), read_table(valid_table)
     rows = _rows(train)

@@ -59,6 +59,14 @@ def _logger(context: Any) -> Any:
     return getattr(context, "log", None) or log
 
 
+def _one_rank_only(context: Any, backend: str, step: str, needs: StepNeeds) -> None:
+    """Data-parallel ranks (``tasks_per_node``/``nodes``) are launched by the Slurm backend only."""
+    if needs.tasks_per_node * needs.nodes > 1:
+        msg = (f"{step}: needs ask for {needs.tasks_per_node * needs.nodes} ranks, but the {backend} backend "
+               "runs one process (data-parallel ranks are launched by the Slurm backend, docs/slurm.md)")
+        (getattr(context, "log", None) or logging.getLogger(__name__)).warning(msg)
+
+
 class LocalBackend:
     """Run a step on this machine: in-process, or in a child process (optionally another python)."""
 
@@ -81,6 +89,7 @@ class LocalBackend:
         needs: StepNeeds,
         python: str | None = None,
     ) -> StepResult:
+        _one_rank_only(context, self.name, step, needs)
         if python is None and self.mode == "inprocess":
             return self._inprocess(context, step, fn, args, kwargs, out_dir)
         return self._subprocess(context, step, fn, args, kwargs, out_dir, python or sys.executable)

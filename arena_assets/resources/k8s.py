@@ -322,6 +322,9 @@ class K8sBackend:
         ``quantize``); pods use ``K8sSettings.python`` of the step's image (``images[step]``)
         instead, and only the local execution of a dry run uses ``python``.
         """
+        from arena_assets.resources.compute import _one_rank_only
+
+        _one_rank_only(context, self.name, step, needs)
         k8s = self.settings
         run_id = _run_id(context)
         partition = _partition_key(context)

@@ -84,6 +84,28 @@ class CheckpointableStep(_Checkpointable):  # type: ignore[misc,valid-type]
         return self.fn(*args, **kwargs)
 
 
+class DistributedStep:
+    """Runs a step as one rank of a multi-task Slurm job (``StepNeeds.tasks_per_node`` > 1).
+
+    Every task of the job calls this with the same arguments. It exports torch.distributed's
+    environment from the Slurm allocation (submitit's ``TorchDistributedEnvironment``: MASTER_ADDR
+    = first node, RANK, WORLD_SIZE, LOCAL_RANK, and CUDA_VISIBLE_DEVICES = the local rank's GPU),
+    so the transformers Trainer inside the step runs DDP by itself; the step lets rank 0 alone
+    write the artifact (``gpu/train.py``). The orchestrator reads task 0's result.
+    """
+
+    def __init__(self, fn: Callable[..., Any], gpus: bool) -> None:
+        self.fn = fn
+        self.gpus = gpus
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.gpus, overwrite=True)
+        return self.fn(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # sacct
 # --------------------------------------------------------------------------------------------
@@ -246,7 +268,7 @@ class SlurmBackend:
             "job_name": job_name,
             "time": needs.time_min,
             "nodes": needs.nodes,
-            "ntasks_per_node": 1,
+            "ntasks_per_node": needs.tasks_per_node,
             "cpus_per_task": needs.cpus,
             "mem": f"{needs.mem_gb}GB",
             "setup": setup,
@@ -384,7 +406,11 @@ class SlurmBackend:
         folder = self.run_folder(ctx.root_run_id) / f"{time.strftime('%Y%m%dT%H%M%S')}-{token}"
         ex = self.executor(folder, job_name, needs, python)
         resumable = kwargs.get("checkpoint_dir") is not None
-        call: Callable[..., Any] = CheckpointableStep(fn) if resumable else fn
+        call: Callable[..., Any] = fn
+        if needs.tasks_per_node * needs.nodes > 1:
+            call = DistributedStep(call, gpus=needs.gpus > 0)
+        if resumable:
+            call = CheckpointableStep(call)
         submitted_at = time.time()
         try:
             job = ex.submit(call, *args, out_dir=out_dir, **kwargs)
@@ -400,7 +426,9 @@ class SlurmBackend:
         record.save(rec_path)
         ctx.info(
             f"submitted Slurm job {job.job_id} ({job_name}) for {key}: cpus={needs.cpus} mem={needs.mem_gb}GB "
-            f"gpus={needs.gpus} time={needs.time_min}min{' (checkpointable)' if resumable else ''}; "
+            f"gpus={needs.gpus} time={needs.time_min}min"
+            f"{f' ranks={needs.tasks_per_node * needs.nodes}' if needs.tasks_per_node * needs.nodes > 1 else ''}"
+            f"{' (checkpointable)' if resumable else ''}; "
             f"logs: {job.paths.stdout} / {job.paths.stderr}"
         )
         return job, record

@@ -1,7 +1,9 @@
 """A real recipe step through Slurm: the project's definitions with ``compute.backend: slurm``.
 
 Post-pretraining of the llama base and the llama teacher of fold 0 (tiny models, a few optimizer
-steps) each run as a Slurm job; everything else (tables, folds) stays in the orchestrator.
+steps) each run as a Slurm job; everything else (tables, folds) stays in the orchestrator. The
+teacher runs data-parallel: two Slurm tasks = two torch.distributed ranks (gloo on CPU, NCCL on
+GPUs), DDP by the Trainer, rank 0 writing the artifact.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def test_teacher_fold_partition_runs_as_slurm_job(slurm_cluster: None, tmp_path:
     cfg["compute"] = {
         "backend": "slurm",
         "slurm": {"poll_s": 0.5, "folder": str(tmp_path / "submitit")},
-        "needs": {"post_pretrain": small, "teacher": small},
+        "needs": {"post_pretrain": small, "teacher": {**small, "tasks_per_node": 2}},
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     defs = build_definitions(str(path))
@@ -53,7 +55,8 @@ def test_teacher_fold_partition_runs_as_slurm_job(slurm_cluster: None, tmp_path:
         assert md["compute_facts"]["state"] == "COMPLETED"
         result = json.loads((Path(md["version_dir"]) / "result.json").read_text())
         assert result["step"] == step
-    # the teacher job produced a real adapter and validation predictions
+    # the teacher job trained with 2 ranks (DDP) and produced a real adapter and validation predictions
+    assert result["info"]["train"]["world_size"] == 2, result["info"]["train"]
     vdir = Path(md["version_dir"])
     assert (vdir / "model" / "adapter_config.json").exists()
     assert (vdir / "valid_predictions.parquet").exists()
