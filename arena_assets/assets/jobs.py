@@ -19,21 +19,21 @@ from arena_assets.core.settings import Settings
 
 
 def build_jobs(settings: Settings) -> list[UnresolvedAssetJobDefinition]:
-    parts = r.fold_partitions(settings)
+    """Partitioned jobs get the fold partitions from their assets (Dagster infers them)."""
     teacher_keys = [k for f in settings.teacher_families for k in (r.teacher_key(f), r.teacher_probs_key(f))]
     return [
         define_asset_job("arena_pipeline",
                          selection=AssetSelection.all() - AssetSelection.tag("arena/on_demand", "true"),
                          description="The whole recipe, the on-demand quality report excepted "
                                      "(launch as a backfill of all partitions)."),
-        define_asset_job("student_fold_chain", partitions_def=parts,
+        define_asset_job("student_fold_chain",
                          selection=AssetSelection.assets(r.STUDENT_MODEL, r.STUDENT_CALIBRATION,
                                                          r.STUDENT_FOLD_SUBMISSION),
                          description="One fold's student: train -> calibrate -> predict (job_distill.sh)."),
-        define_asset_job("baseline_student_job", partitions_def=parts,
+        define_asset_job("baseline_student_job",
                          selection=AssetSelection.assets(r.BASELINE_STUDENT),
                          description="The CE-only student (the seed's job.sh)."),
-        define_asset_job("teachers_job", partitions_def=parts,
+        define_asset_job("teachers_job",
                          selection=AssetSelection.assets(*teacher_keys),
                          description="Every teacher family's fold model and OOF probabilities."),
     ]

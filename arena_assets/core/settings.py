@@ -244,6 +244,10 @@ class InferSettings(_Frozen):
     slab_tokens: int = 16384
     """CUDA with flex attention (``arena_flex``): rows are packed into slabs of this many tokens
     (gpu/packing.py); it bounds activation memory like a batch size (4096-8192 on 16 GB cards)."""
+    fp8: Literal["off", "mlp", "all"] = "off"
+    """FP8 linears for TTA on GPUs with FP8 tensor cores (H100: 1.35x bf16 with ``all``, both
+    compiled; docs/gpu.md). ``mlp`` keeps the attention projections bf16: on the fidelity
+    benchmark's trained student its probabilities stay within 0.003 of bf16 (``all``: 0.02)."""
     gpus: int | None = None
     """GPUs the TTA steps shard rows over (one process per GPU, length-balanced shards, no
     communication): None = every GPU the job sees; 1 = one process."""

@@ -175,6 +175,31 @@ def _load(model_dir: Any) -> tuple[Any, Any]:
     return model, tok
 
 
+def apply_fp8(model: Any, infer: Any, force: bool = False) -> dict[str, Any]:
+    """``InferSettings.fp8``: swap the decoder linears for FP8 ones (``fast.fp8_linearize``, row
+    scales) when the model is a bf16/fp16 one on a GPU with FP8 tensor cores (sm_89+); else keep
+    it and say why. ``force`` applies it anywhere ``torch._scaled_mm`` runs (tests on CPU)."""
+    import torch
+
+    scope = getattr(infer, "fp8", "off")
+    if scope == "off":
+        return {"fp8": "off"}
+    p = next(model.parameters())
+    why = None
+    if getattr(model, "hf_quantizer", None) is not None:
+        why = "the model is already quantized (GPTQ/bitsandbytes)"
+    elif p.dtype not in (torch.bfloat16, torch.float16):
+        why = f"FP8 linears need a bf16/fp16 model, not {p.dtype}"
+    elif not force and not (p.device.type == "cuda" and torch.cuda.get_device_capability(p.device) >= (8, 9)):
+        why = "needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)"
+    if why:
+        log.warning("InferSettings.fp8=%s not applied: %s", scope, why)
+        return {"fp8": "off", "fp8_requested": scope, "fp8_skipped": why}
+    from arena_assets.gpu.fast import fp8_linearize
+
+    return {"fp8": scope, "fp8_linears": fp8_linearize(model, scope=scope, granularity="row")}
+
+
 # --------------------------------------------------------------------------- several GPUs
 def inference_devices(infer: Any) -> list[str]:
     """The GPUs (as ``CUDA_VISIBLE_DEVICES`` values) a TTA step shards over; [] = one process."""
@@ -189,9 +214,10 @@ def _shard_worker(device: str, model_dir: str, fmt: Any, infer: Any, table: str,
     """One shard in its own process: sees one GPU (``""``: none, tests), loads the model, runs TTA."""
     os.environ["CUDA_VISIBLE_DEVICES"] = device  # before this process first touches CUDA
     model, tok = _load(model_dir)
+    fp8 = apply_fp8(model, infer)
     df = read_table(table).iloc[rows].reset_index(drop=True)
     z = tta_logits(model, tok, df, fmt, infer, desc=f"{desc} [gpu {device or 'none'}]")
-    return z, dict(getattr(model, "arena_record", {}))
+    return z, {**getattr(model, "arena_record", {}), **fp8}
 
 
 def sharded_tta_logits(model_dir: Any, table: Any, fmt: Any, infer: Any, devices: list[str], desc: str = "tta") -> tuple[np.ndarray, dict[str, Any]]:
@@ -237,6 +263,7 @@ def _tta_runner(model_dir: Any, fmt: Any, infer: Any) -> tuple[Any, dict[str, An
         return run, record, len(devices)
     model, tok = _load(model_dir)
     record.update(getattr(model, "arena_record", {}))
+    record.update(apply_fp8(model, infer))
 
     def run_here(table: Any, desc: str) -> np.ndarray:
         return tta_logits(model, tok, read_table(table), fmt, infer, desc=desc)

@@ -127,3 +127,20 @@ def test_fp8_mlp_scope_leaves_attention_bf16() -> None:
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Fp8Linear"
     with pytest.raises(ValueError):
         fp8_linearize(model, scope="attention")
+
+
+def test_infer_fp8_setting_applies_only_where_it_can() -> None:
+    import torch
+
+    from arena_assets.core.settings import InferSettings
+    from arena_assets.gpu.predict import apply_fp8
+
+    _, _, model = _tiny(4)
+    assert apply_fp8(model, InferSettings()) == {"fp8": "off"}
+    rec = apply_fp8(model, InferSettings(fp8="mlp"), force=True)  # float32 model: refused, said why
+    assert rec["fp8"] == "off" and "bf16" in rec["fp8_skipped"]
+    model = model.to(torch.bfloat16)
+    if not torch.cuda.is_available():  # CPU: no FP8 tensor cores, so not applied unless forced
+        assert apply_fp8(model, InferSettings(fp8="mlp"))["fp8"] == "off"
+    rec = apply_fp8(model, InferSettings(fp8="mlp"), force=True)
+    assert rec == {"fp8": "mlp", "fp8_linears": 6}
