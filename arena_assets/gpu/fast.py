@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from arena_assets.gpu.formatting import encode_rows, swap_probs
+from arena_assets.gpu.formatting import tta_in_one_pass
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,13 @@ def compile_layers(model: Any, dynamic: bool = True) -> int:
     return len(layers)
 
 
+def uncompile_layers(model: Any) -> None:
+    """Undo :func:`compile_layers` (plain modules again; the next compile_layers compiles anew)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
+    model._arena_compiled = None
+
+
 # ---------------------------------------------------------------------------------- inference
 def _pad_batch(rows: list[list[int]], pad_id: int, pad_multiple: int) -> tuple[Any, Any]:
     import torch
@@ -207,15 +214,10 @@ def tta_logits_fast(
 ) -> np.ndarray:
     """Same result as ``predict.tta_logits`` (mean of original and swapped-back logits) in one
     length-sorted, token-budget pass over both orientations."""
-    tf = tokenizer.arena_format
-    ids = encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens)
-    n = len(ids)
-    if tta:
-        ids = ids + encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens, swap=True)
-    z = logits_of_ids(model, ids, tokenizer.pad_token_id, max_tokens, max_rows, pad_multiple, desc="tta-fast")
-    if not tta:
-        return z
-    return 0.5 * (z[:n] + swap_probs(z[n:]))
+    return tta_in_one_pass(
+        df, tokenizer, max_length, prompt_max_tokens, tta,
+        lambda ids: logits_of_ids(model, ids, tokenizer.pad_token_id, max_tokens, max_rows, pad_multiple, desc="tta-fast"),
+    )
 
 
 # ---------------------------------------------------------------------------------- FP8

@@ -202,6 +202,21 @@ def swap_probs(x: np.ndarray) -> np.ndarray:
     return x[..., [1, 0, 2]]
 
 
+def tta_in_one_pass(
+    df: Any, tokenizer: Any, max_length: int, prompt_max_tokens: int, tta: bool, logits_of: Any
+) -> np.ndarray:
+    """TTA with both orientations in ONE call of ``logits_of(ids) -> (n, 3)``: rows as given and
+    A/B-swapped have the same lengths, so a length-sorted or packed pass batches them together.
+    Returns the mean of the original and the swapped-back logits (the rows as given if not ``tta``)."""
+    tf = tokenizer.arena_format
+    ids = encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens)
+    n = len(ids)
+    if tta:
+        ids = ids + encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens, swap=True)
+    z = logits_of(ids)
+    return z if not tta else 0.5 * (z[:n] + swap_probs(z[n:]))
+
+
 def labels_of(df: Any) -> np.ndarray:
     """(n, 3) float labels from the winner columns, each row normalised to sum 1."""
     y = df[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)

@@ -62,6 +62,13 @@ def cpu_threads() -> int:
     return max(1, min(n - 1, 8))
 
 
+def data_parallel_rank() -> int:
+    """This process's rank in data-parallel training (torch.distributed's ``RANK``, exported by
+    torchrun or by the Slurm backend's ``DistributedStep``); 0 when not distributed. Rank 0
+    alone writes a step's artifact."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_torch(seed: int | None = None) -> None:
     """CPU threads (:func:`cpu_threads`) and seeds everywhere (python, numpy, torch)."""
     import torch

@@ -38,12 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from arena_assets.gpu.formatting import encode_rows, swap_probs
+from arena_assets.gpu.formatting import tta_in_one_pass
 
 log = logging.getLogger(__name__)
 
 ATTN_NAME = "arena_flex"
 FLEX_BLOCK = 128
+SLAB_TOKENS = 16384
+"""Default slab: fills an H100's matrix units; also InferSettings.slab_tokens' default."""
 
 
 # ---------------------------------------------------------------------------------- bin packing
@@ -286,7 +288,7 @@ def packed_logits(model: Any, batch: Packed) -> Any:
 
 # ---------------------------------------------------------------------------------- inference
 def logits_of_ids_packed(
-    model: Any, ids: list[list[int]], pad_id: int, slab_tokens: int = 16384, desc: str = "predict-packed"
+    model: Any, ids: list[list[int]], pad_id: int, slab_tokens: int = SLAB_TOKENS, desc: str = "predict-packed"
 ) -> np.ndarray:
     """(n, 3) float64 logits for encoded rows, in packed slabs of exactly ``slab_tokens`` tokens
     (one shape: compiled layers compile once). ``slab_tokens`` bounds activation memory like a
@@ -322,19 +324,14 @@ def tta_logits_packed(
     max_length: int,
     prompt_max_tokens: int,
     tta: bool = True,
-    slab_tokens: int = 16384,
+    slab_tokens: int = SLAB_TOKENS,
 ) -> np.ndarray:
     """``predict.tta_logits``'s result (mean of original and swapped-back logits) with both
     orientations packed into the same slabs."""
-    tf = tokenizer.arena_format
-    ids = encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens)
-    n = len(ids)
-    if tta:
-        ids = ids + encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens, swap=True)
-    z = logits_of_ids_packed(model, ids, tokenizer.pad_token_id, slab_tokens, desc="tta-packed")
-    if not tta:
-        return z
-    return 0.5 * (z[:n] + swap_probs(z[n:]))
+    return tta_in_one_pass(
+        df, tokenizer, max_length, prompt_max_tokens, tta,
+        lambda ids: logits_of_ids_packed(model, ids, tokenizer.pad_token_id, slab_tokens, desc="tta-packed"),
+    )
 
 
 # ---------------------------------------------------------------------------------- training

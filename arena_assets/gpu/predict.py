@@ -49,10 +49,10 @@ def predict_logits(
     tf = tokenizer.arena_format
     ids = encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens, swap=swap)
     if _use_fast(model):
-        from arena_assets.gpu.packing import logits_of_ids_packed, uses_flex
+        from arena_assets.gpu.packing import SLAB_TOKENS, logits_of_ids_packed, uses_flex
 
         if uses_flex(model):  # flex compiles per shape: fixed packed slabs, not padded batches
-            return logits_of_ids_packed(model, ids, tokenizer.pad_token_id, max(16384, max_length), desc=desc)
+            return logits_of_ids_packed(model, ids, tokenizer.pad_token_id, max(SLAB_TOKENS, max_length), desc=desc)
     n = len(ids)
     order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(n)
     collate = PadCollator(tokenizer.pad_token_id)
@@ -73,8 +73,9 @@ def predict_logits(
 
 
 def _use_fast(model: Any) -> bool:
-    """On CUDA, ``gpu/fast.py``'s token-budget TTA pass (same arithmetic, bf16 rounding aside);
-    ``ARENA_FAST_INFER=0`` turns it off."""
+    """On CUDA, the GPU passes: packed slabs for flex models (``gpu/packing.py``), else
+    ``gpu/fast.py``'s token-budget batches (same arithmetic, bf16 rounding aside);
+    ``ARENA_FAST_INFER=0`` turns them off."""
     if os.environ.get("ARENA_FAST_INFER", "1") == "0":
         return False
     try:
@@ -96,8 +97,8 @@ def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: 
         from arena_assets.gpu.packing import tta_logits_packed, uses_flex
 
         if uses_flex(model):  # packed slabs: no pad tokens, block-sparse flex attention
-            slab = max(int(getattr(infer, "slab_tokens", 16384)), infer.max_length)
-            if getattr(infer, "compile", False):
+            slab = max(int(infer.slab_tokens), infer.max_length)
+            if infer.compile:
                 from arena_assets.gpu.fast import compile_layers
 
                 compile_layers(model, dynamic=False)  # idempotent; one shape: the slab

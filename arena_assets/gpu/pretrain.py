@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from arena_assets.gpu.models import (
     BASE_POINTER,
     attention_choice,
     build_tiny,
+    data_parallel_rank,
     resolve_checkpoint,
     save_classifier,
     setup_torch,
@@ -101,7 +101,7 @@ def post_pretrain(spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any
     In data-parallel training (``RANK`` > 0: Slurm ``tasks_per_node`` > 1 or torchrun) a rank
     runs the same deterministic step into a scratch folder and returns None: rank 0 alone writes.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
+    if data_parallel_rank() != 0:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="arena-rank-") as scratch:

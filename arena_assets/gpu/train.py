@@ -299,7 +299,7 @@ def _fit_classifier(
     checkpoint_dir: Any,
     extra_info: dict[str, Any],
 ) -> StepResult | None:
-    from arena_assets.gpu.models import read_spec, save_classifier, write_spec
+    from arena_assets.gpu.models import data_parallel_rank, read_spec, save_classifier, write_spec
     from arena_assets.gpu.predict import predict_logits, prediction_frame, scores, write_parquet
 
     model, tok, minfo = prepare_model(base_dir, lora, cfg.train)
@@ -313,7 +313,7 @@ def _fit_classifier(
         "fmt": json.loads(fmt.model_dump_json()),
         "base": str(Path(base_dir).resolve()),
     }
-    if _rank() != 0:  # a data-parallel rank (Slurm tasks_per_node > 1, torchrun): train, write nothing
+    if data_parallel_rank() != 0:  # a data-parallel rank (Slurm tasks_per_node > 1, torchrun): train, write nothing
         fit(step, model, tok, tcfg, train_ds, valid_ds, kd, checkpoint_dir, fingerprint)
         return None
     with step_output(out_dir, step) as (tmp, res):
@@ -332,11 +332,6 @@ def _fit_classifier(
         res.info.update(model=minfo, train=tinfo, train_rows=len(train_ds), valid_rows=len(valid_ds), **extra_info)
         log.info("%s: valid log-loss %.4f, accuracy %.3f", step, s["logloss"], s["accuracy"])
     return StepResult.read(out_dir)
-
-
-def _rank() -> int:
-    """This process's rank in data-parallel training (torch.distributed's ``RANK``; 0 alone)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def _rows(df: Any) -> Any:

@@ -47,6 +47,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from arena_assets.core.metrics import softmax  # noqa: E402 - after the sys.path insert
+
 log = logging.getLogger("bench_gpu")
 
 FLOPS_FORMULA = (
@@ -247,12 +249,6 @@ def build_model(shape: dict[str, Any], pad_id: int, attn: str, seed: int = 0) ->
     return model
 
 
-def _layers(model: Any) -> Any:
-    from arena_assets.gpu.fast import decoder_layers
-
-    return decoder_layers(model)
-
-
 def n_nonemb(model: Any) -> int:
     """Parameters of all linear layers outside the embedding (what the 2N/6N convention counts)."""
     import torch
@@ -405,7 +401,7 @@ def phase_tta(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
             lambda: tta_logits_fast(model, tok, warm_df, args.max_length, 256, max_tokens=b, max_rows=args.max_rows, pad_multiple=128))
     if "packed" in want or "packed_compiled" in want:
         # the project's predict.tta_logits with arena_flex: packed slabs (gpu/packing.py)
-        from arena_assets.gpu.fast import compile_layers
+        from arena_assets.gpu.fast import compile_layers, uncompile_layers
         from arena_assets.gpu.packing import register_attention
 
         attn = register_attention()
@@ -421,8 +417,7 @@ def phase_tta(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
                     lambda i=inf: tta_logits(model, tok, df, Fmt, i),
                     lambda i=inf: tta_logits(model, tok, warm_df, Fmt, i))
         if "packed_compiled" in want:
-            for layer in _layers(model):  # back to plain modules for any later variant
-                layer._compiled_call_impl = None
+            uncompile_layers(model)  # back to plain modules for any later variant
     if "compiled" in want:
         from arena_assets.gpu.fast import compile_layers
 
@@ -504,8 +499,9 @@ def phase_train(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], 
                 compile_layers(model, dynamic=False)
                 compiled = True
             elif compiled and not comp:
-                for layer in _layers(model):
-                    layer._compiled_call_impl = None
+                from arena_assets.gpu.fast import uncompile_layers
+
+                uncompile_layers(model)
                 compiled = False
             if not gc_on and getattr(model, "is_gradient_checkpointing", False):
                 model.gradient_checkpointing_disable()
@@ -588,75 +584,74 @@ def forward_rate(model: Any, bs: int, L: int, iters: int, vocab: int) -> dict[st
             "probs": probs.round(5).tolist()}
 
 
-def phase_int8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
+def _record_failure(res: dict[str, Any], phase: str, e: BaseException) -> None:
+    """A failed phase is a result too: its error and traceback go into the results file."""
+    res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    res["trace"] = traceback.format_exc()[-2000:]
+    log.error("%s failed: %s", phase, e)
+
+
+def _bnb_int8(model: Any) -> dict[str, Any]:
+    """Every decoder linear -> bitsandbytes ``Linear8bitLt`` (LLM.int8), in place; the head stays."""
+    import bitsandbytes as bnb
     import torch
 
-    res: dict[str, Any] = {"shape": f"batch {args.q_batch} x {args.q_len}", "method": "bitsandbytes LLM.int8 (Linear8bitLt, threshold 6.0, has_fp16_weights=False)"}
-    rec.put("int8", res)
-    model = build_model(shape, 0, _attn(args.q_attn))
-    res["attn"] = args.q_attn
-    n_lin = n_nonemb(model)
-    fl = float(flops_per_row(np.full(args.q_batch, args.q_len), n_lin, shape).sum())
-    try:
-        res["bf16"] = forward_rate(model, args.q_batch, args.q_len, args.q_iters, shape["vocab_size"])
-        res["bf16"]["frac_of_ceiling"] = fl / res["bf16"]["s_per_batch"] / 1e12 / ceiling if ceiling else None
-        rec.put("int8", res)
-        import bitsandbytes as bnb
-
-        todo = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "score"]
-        for name, lin in todo:
-            parent_name, _, child = name.rpartition(".")
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0)
-            q.weight = bnb.nn.Int8Params(lin.weight.data.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
-            setattr(model.get_submodule(parent_name), child, q.to("cuda" if cuda() else "cpu"))
-            del lin
-        todo.clear()  # the list held the replaced bf16 layers alive (call 5 measured them in the peak)
-        free()
-        res["int8_weights_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda() else None
-        res["int8"] = forward_rate(model, args.q_batch, args.q_len, max(2, args.q_iters // 2), shape["vocab_size"])
-        res["int8_over_bf16_speed"] = res["int8"]["tokens_per_s"] / res["bf16"]["tokens_per_s"]
-        pb, pi = np.asarray(res["bf16"]["probs"]), np.asarray(res["int8"]["probs"])
-        res["max_abs_prob_diff_vs_bf16"] = float(np.abs(pb - pi).max())
-    except Exception as e:  # noqa: BLE001
-        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        res["trace"] = traceback.format_exc()[-2000:]
-        log.error("int8 failed: %s", e)
-    rec.put("int8", res)
-    del model
-    free()
+    todo = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "score"]
+    for name, lin in todo:
+        parent_name, _, child = name.rpartition(".")
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                has_fp16_weights=False, threshold=6.0)
+        q.weight = bnb.nn.Int8Params(lin.weight.data.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
+        setattr(model.get_submodule(parent_name), child, q.to("cuda" if cuda() else "cpu"))
+    n = len(todo)
+    todo.clear()  # the list held the replaced bf16 layers alive (call 5 measured them in the peak)
+    return {"backend": "bitsandbytes LLM.int8 (Linear8bitLt, threshold 6.0, has_fp16_weights=False)", "replaced": n}
 
 
-def phase_gptq(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
-    """GPTQ 8-bit (GPTQModel's own QuantLinear, benchmarks/gpu/gptq_random.py) vs bf16 at batch
-    q_batch x q_len: throughput and peak memory, same forward (packed slab with arena_flex)."""
+def _gptq8(model: Any) -> dict[str, Any]:
+    """GPTQ 8-bit through GPTQModel's own QuantLinear (benchmarks/gpu/gptq_random.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    from gptq_random import gptq_linearize
+
+    return gptq_linearize(model, bits=8, group_size=128)
+
+
+def compare_8bit(rec: Recorder, key: str, convert: Any, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
+    """bf16 vs the same model after ``convert`` (an 8-bit linear swap) at batch q_batch x q_len,
+    same forward (``--q-attn arena_flex``: one packed slab): throughput, weights and peak memory,
+    and the probability difference (random init)."""
     import torch
 
     res: dict[str, Any] = {"shape": f"batch {args.q_batch} x {args.q_len}", "attn": args.q_attn}
-    rec.put("gptq", res)
+    rec.put(key, res)
     model = build_model(shape, 0, _attn(args.q_attn))
+    fl = float(flops_per_row(np.full(args.q_batch, args.q_len), n_nonemb(model), shape).sum())
     try:
         res["bf16"] = forward_rate(model, args.q_batch, args.q_len, args.q_iters, shape["vocab_size"])
-        rec.put("gptq", res)
-        sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
-        from gptq_random import gptq_linearize
-
+        res["bf16"]["frac_of_ceiling"] = fl / res["bf16"]["s_per_batch"] / 1e12 / ceiling if ceiling else None
+        rec.put(key, res)
         t0 = time.perf_counter()
-        res["method"] = gptq_linearize(model, bits=8, group_size=128)
+        res["method"] = convert(model)
         res["convert_seconds"] = time.perf_counter() - t0
         free()
-        res["gptq_weights_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda() else None
-        res["gptq"] = forward_rate(model, args.q_batch, args.q_len, args.q_iters, shape["vocab_size"])
-        res["gptq_over_bf16_speed"] = res["gptq"]["tokens_per_s"] / res["bf16"]["tokens_per_s"]
-        pb, pq = np.asarray(res["bf16"]["probs"]), np.asarray(res["gptq"]["probs"])
+        res[f"{key}_weights_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda() else None
+        res[key] = forward_rate(model, args.q_batch, args.q_len, args.q_iters, shape["vocab_size"])
+        res[f"{key}_over_bf16_speed"] = res[key]["tokens_per_s"] / res["bf16"]["tokens_per_s"]
+        pb, pq = np.asarray(res["bf16"]["probs"]), np.asarray(res[key]["probs"])
         res["max_abs_prob_diff_vs_bf16_random_init"] = float(np.abs(pb - pq).max())
-    except Exception as e:  # noqa: BLE001
-        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        res["trace"] = traceback.format_exc()[-2000:]
-        log.error("gptq failed: %s", e)
-    rec.put("gptq", res)
+    except Exception as e:  # noqa: BLE001 - recorded; the next phase still runs
+        _record_failure(res, key, e)
+    rec.put(key, res)
     del model
     free()
+
+
+def phase_int8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
+    compare_8bit(rec, "int8", _bnb_int8, args, shape, ceiling)
+
+
+def phase_gptq(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
+    compare_8bit(rec, "gptq", _gptq8, args, shape, ceiling)
 
 
 def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
@@ -687,10 +682,6 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
         tta_logits_fast(model, tok, df.head(64), args.max_length, 256, **kw)
         return timed(lambda: tta_logits_fast(model, tok, df, args.max_length, 256, **kw))
 
-    def softmax(z: np.ndarray) -> np.ndarray:
-        e = np.exp(z - z.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
-
     if args.fp8_compiled_only:
         # the production comparison: both models with compiled layers, on the TTA rows
         try:
@@ -715,9 +706,7 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
                 rec.put("fp8", res)
             del model
         except Exception as e:  # noqa: BLE001
-            res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            res["trace"] = traceback.format_exc()[-2000:]
-            log.error("fp8 failed: %s", e)
+            _record_failure(res, "fp8", e)
         rec.put("fp8", res)
         free()
         return
@@ -762,9 +751,7 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
                                "peak_gib": peak_gib()}
         del model
     except Exception as e:  # noqa: BLE001
-        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        res["trace"] = traceback.format_exc()[-2000:]
-        log.error("fp8 failed: %s", e)
+        _record_failure(res, "fp8", e)
     rec.put("fp8", res)
     free()
 
@@ -772,7 +759,9 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
 def phase_fp8fid(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
     """FP8 fidelity on a TRAINED model: the fidelity benchmark's merged tiny student (``--fid-dir``
     holds its ``model/`` and the ``table.parquet`` of test rows), bf16 vs ``fp8_linearize``
-    probabilities on the GPU (issue 9: within 0.02)."""
+    probabilities (issue 9: within 0.02), per granularity and scope (``all``: keys ``row``,
+    ``tensor``; ``mlp``: ``row_mlp``...), and bf16 vs float32 for scale. Runs on CPU too, where
+    ``torch._scaled_mm`` emulates FP8 (numbers close to, not equal to, the GPU's)."""
     import torch
 
     from arena_assets.core.settings import FormatSettings, InferSettings
@@ -780,7 +769,8 @@ def phase_fp8fid(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any],
     from arena_assets.gpu.models import load_classifier
     from arena_assets.gpu.predict import predict_logits
 
-    res: dict[str, Any] = {"model": "fidelity benchmark's merged student (benchmarks/bench_fidelity.py, known-answer sample)"}
+    res: dict[str, Any] = {"model": "fidelity benchmark's merged student (benchmarks/bench_fidelity.py, known-answer sample)",
+                           "device": "cuda" if cuda() else "cpu"}
     try:
         import pandas as pd
 
@@ -789,27 +779,25 @@ def phase_fp8fid(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any],
         fmt, inf = FormatSettings(), InferSettings()
         res["rows"] = len(df)
 
-        def probs(model: Any) -> np.ndarray:
-            z = predict_logits(model, tok, df, inf.max_length, fmt.prompt_max_tokens, batch_size=64)
-            e = np.exp(z - z.max(1, keepdims=True))
-            return e / e.sum(1, keepdims=True)
+        def probs(dtype: Any, gran: str | None = None, scope: str = "all") -> np.ndarray:
+            model, tok = load_classifier(fid / "model")
+            model = model.to("cuda" if cuda() else "cpu", dtype).eval()
+            if gran is not None:
+                fp8_linearize(model, granularity=gran, scope=scope)
+            res.setdefault("config", {k: getattr(model.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "head_dim")})
+            return softmax(predict_logits(model, tok, df, inf.max_length, fmt.prompt_max_tokens, batch_size=64))
 
-        model, tok = load_classifier(fid / "model")
-        model = model.to("cuda" if cuda() else "cpu", torch.bfloat16).eval()
-        pb = probs(model)
-        res["config"] = {k: getattr(model.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "head_dim")}
-        for gran in args.fp8_granularity:
-            m, _ = load_classifier(fid / "model")
-            m = m.to("cuda" if cuda() else "cpu", torch.bfloat16).eval()
-            fp8_linearize(m, granularity=gran)
-            pf = probs(m)
-            res[gran] = {"max_abs_prob_diff_vs_bf16": float(np.abs(pf - pb).max()),
-                         "mean_abs_prob_diff_vs_bf16": float(np.abs(pf - pb).mean())}
-            del m
+        pb = probs(torch.bfloat16)
+        res["bf16_max_abs_prob_diff_vs_fp32"] = float(np.abs(pb - probs(torch.float32)).max())
+        for scope in args.fp8_scopes:
+            for gran in args.fp8_granularity:
+                pf = probs(torch.bfloat16, gran, scope)
+                res[gran if scope == "all" else f"{gran}_{scope}"] = {
+                    "max_abs_prob_diff_vs_bf16": float(np.abs(pf - pb).max()),
+                    "mean_abs_prob_diff_vs_bf16": float(np.abs(pf - pb).mean())}
+                rec.put("fp8fid", res)
     except Exception as e:  # noqa: BLE001
-        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        res["trace"] = traceback.format_exc()[-2000:]
-        log.error("fp8fid failed: %s", e)
+        _record_failure(res, "fp8fid", e)
     rec.put("fp8fid", res)
     free()
 
@@ -881,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--q-len", type=int, default=2000)
     ap.add_argument("--q-iters", type=int, default=4)
     ap.add_argument("--fp8-compiled-only", type=int, default=0, help="fp8 phase: only bf16 vs FP8 with compiled layers")
+    ap.add_argument("--fp8-scopes", type=lambda s: s.split(","), default=["all"], help="fp8fid: all and/or mlp")
     ap.add_argument("--fid-dir", default=str(ROOT / ".fid"), help="fp8fid phase: trained model/ + table.parquet")
     ap.add_argument("--q-attn", default="eager", help="attention for the int8/fp8 phases (arena_flex: packed)")
     ap.add_argument("--slabs", type=lambda s: [int(x) for x in s.split(",")], default=[16384],
