@@ -154,3 +154,36 @@ def md_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
     for r in rows:
         out.append("| " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in r) + " |")
     return "\n".join(out)
+
+
+def fold_of(context: Any) -> int:
+    """The fold of a per-fold asset's run (its partition key)."""
+    return int(context.partition_key)
+
+
+def fold_tables(m: Materialization, fold: int) -> tuple[Path, Path]:
+    """(train, valid) parquet paths of one fold's ``fold_data`` version (recorded as read)."""
+    from arena_assets.assets.keys import FOLD_DATA
+
+    v = m.read(FOLD_DATA, str(fold))
+    return v / "train.parquet", v / "valid.parquet"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A step's small JSON output (calibration.json, quantization.json); {} when absent."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+
+
+def other_python(py: str | None) -> str | None:
+    """The GPTQ interpreter when it differs from this one (then the step runs in a child process)."""
+    import os
+    import sys
+
+    if not py:
+        return None
+    try:
+        if os.path.abspath(py) == os.path.abspath(sys.executable):
+            return None
+    except OSError:
+        pass
+    return py

@@ -27,7 +27,8 @@ from dagster import (
 )
 
 from arena_assets.assets import recipe as r
-from arena_assets.assets.common import Materialization
+from arena_assets.assets.common import Materialization, fold_tables, other_python
+from arena_assets.assets.pools import gpu_pool
 from arena_assets.core.settings import Settings, settings_hash
 from arena_assets.resources.compute import ComputeResource
 from arena_assets.resources.settings import SettingsResource
@@ -58,7 +59,7 @@ def extra_inference(context: Any, s: Settings, m: Materialization, compute: Comp
     test = m.read(r.TEST_TABLE) / "table.parquet"
     no_tta = s.infer.model_copy(update={"tta": False})
     for k in range(s.folds.n_folds):
-        _, va = r._fold_tables(m, k)
+        _, va = fold_tables(m, k)
         model = m.read(r.BASELINE_STUDENT, str(k)) / "model"
         d = work / f"baseline_{k}"
         # no calibration file: the KD student's test numbers are compared raw (temperature 1) too
@@ -71,7 +72,7 @@ def extra_inference(context: Any, s: Settings, m: Materialization, compute: Comp
         out[name] = work / name / "predictions.parquet"
     qdir = m.read(r.QUANTIZED_MODEL)
     method = str(json.loads((qdir / "quantization.json").read_text()).get("method"))
-    py = r._other_python(quant_python(s.quant)) if method == "gptq" else None
+    py = other_python(quant_python(s.quant)) if method == "gptq" else None
     name = quality.EXTRA_QUANT_NO_TTA
     compute.run(context, "tta", tta_submission, qdir / "model", cal, s.fmt, no_tta, test, out_dir=work / name, python=py)
     out[name] = work / name / "predictions.parquet"
@@ -87,7 +88,7 @@ def build_quality_assets(settings: Settings) -> list[AssetsDefinition]:
     # (and so its data version); a settings change must not touch code versions outside its step.
     cv = settings_hash({"quality": QUALITY_VERSION})
 
-    @asset(key=QUALITY_REPORT, deps=deps, code_version=cv, group_name="quality", pool=r.GPU_POOL,
+    @asset(key=QUALITY_REPORT, deps=deps, code_version=cv, group_name="quality", pool=gpu_pool(settings),
            tags={ON_DEMAND_TAG: "true"}, kinds={"markdown"},
            description="Recipe fidelity: every step scored against the known answer (truth.json) — teachers, "
                        "KD vs CE-only, calibration, merged vs fold ensemble, quantized vs merged, TTA, "

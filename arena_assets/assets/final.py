@@ -1,0 +1,177 @@
+"""Stage: final. Average the fold adapters (step 6a), merge (6b), quantize to 8 bits (7), TTA
+inference (8) and the ensemble that is the submission (9)."""
+
+from typing import Any
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from arena_assets.assets import checks as chk
+from arena_assets.assets.common import (
+    Materialization,
+    dir_size_mb,
+    md_table,
+    other_python,
+    read_json,
+    step_code_version,
+)
+from arena_assets.assets.keys import (
+    AVERAGED_LORA,
+    FINAL_ENSEMBLE,
+    MERGED_MODEL,
+    QUANTIZED_MODEL,
+    STUDENT_CALIBRATION,
+    STUDENT_FOLD_SUBMISSION,
+    STUDENT_MODEL,
+    TEST_TABLE,
+    TRAIN_TABLE,
+    TTA_SUBMISSION,
+    base_key,
+)
+from arena_assets.assets.pools import gpu_pool
+from arena_assets.core.settings import Settings
+from arena_assets.resources.compute import ComputeResource
+from arena_assets.resources.settings import SettingsResource
+
+
+def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
+    """final assets for these settings (``auto``: the automation conditions by role)."""
+    eager = auto.get("eager")
+    cron = auto.get("cron")
+    student = settings.student_family
+    pool = gpu_pool(settings)
+    out: list[Any] = []
+
+    # ------------------------------------------------------------------ average, merge, quantize, TTA
+    cv_avg = step_code_version(settings, "average")
+    cv_q = step_code_version(settings, "quantize")
+    cv_tta = step_code_version(settings, "tta")
+    cv_ens = step_code_version(settings, "ensemble")
+
+    @asset(key=AVERAGED_LORA, deps=[STUDENT_MODEL], code_version=cv_avg, group_name="final", pool=pool,
+           automation_condition=cron, kinds={"pytorch"},
+           description="Step 6a: the fold students' LoRA adapters (and heads) averaged into one adapter.")
+    def averaged_lora(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
+        from arena_assets.gpu.average import average_adapters
+
+        s = settings.get()
+        m = Materialization.begin(s, AVERAGED_LORA, None, cv_avg)
+        adapters = [m.read(STUDENT_MODEL, str(k)) / "model" for k in range(s.folds.n_folds)]
+        res = compute.run(context, "average", average_adapters, adapters, s.average, out_dir=m.out_dir)
+        m.commit()
+        return MaterializeResult(metadata=m.metadata(res, n_adapters=len(adapters), method=s.average.method,
+                                                     adapter_size_mb=dir_size_mb(res.path("adapter"))))
+
+    @asset(key=MERGED_MODEL, deps=[AVERAGED_LORA, base_key(student), STUDENT_CALIBRATION], code_version=cv_avg,
+           group_name="final", pool=pool, automation_condition=cron, kinds={"pytorch"},
+           description="Step 6b: the averaged adapter merged into the student base (merge_and_unload).")
+    def merged_model(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
+        from arena_assets.gpu.average import merge_adapter
+
+        s = settings.get()
+        m = Materialization.begin(s, MERGED_MODEL, None, cv_avg)
+        m.read(base_key(s.student_family))
+        adapter = m.read(AVERAGED_LORA) / "adapter"
+        temps = [float(read_json(m.read(STUDENT_CALIBRATION, str(k)) / "calibration.json").get("temperature", 1.0))
+                 for k in range(s.folds.n_folds)]
+        res = compute.run(context, "merge", merge_adapter, adapter, temps, s.calibration, out_dir=m.out_dir)
+        m.commit()
+        cal = read_json(m.out_dir / "calibration.json")
+        return MaterializeResult(metadata=m.metadata(
+            res, temperature=float(cal.get("temperature", 1.0)), fold_temperatures=MetadataValue.json(temps),
+            model_size_mb=dir_size_mb(res.path("model"))))
+
+    @asset(key=QUANTIZED_MODEL, deps=[MERGED_MODEL, TRAIN_TABLE], code_version=cv_q, group_name="final",
+           pool=pool, automation_condition=cron, kinds={"pytorch"},
+           description="Step 7: 8-bit quantization, GPTQ first, bitsandbytes int8 as the recorded fallback.")
+    def quantized_model(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
+        from arena_assets.gpu.quantize import quant_python, quantize
+
+        s = settings.get()
+        m = Materialization.begin(s, QUANTIZED_MODEL, None, cv_q)
+        model = m.read(MERGED_MODEL) / "model"
+        calib = m.read(TRAIN_TABLE) / "table.parquet"
+        py = other_python(quant_python(s.quant)) if "gptq" in s.quant.methods else None
+        res = compute.run(context, "quantize", quantize, model, s.quant, s.fmt, calib, out_dir=m.out_dir, python=py)
+        m.commit()
+        q = read_json(m.out_dir / "quantization.json")
+        return MaterializeResult(metadata=m.metadata(
+            res, method=str(q.get("method")), fallback_reason=str(q.get("fallback_reason") or ""),
+            quant_python=py or "this interpreter",
+            quantized_path=MetadataValue.path(str(res.path("model"))),
+            model_size_mb=dir_size_mb(res.path("model"))))
+
+    @asset(key=TTA_SUBMISSION, deps=[QUANTIZED_MODEL, MERGED_MODEL, TEST_TABLE, STUDENT_CALIBRATION],
+           code_version=cv_tta, group_name="final", pool=pool, automation_condition=cron, kinds={"csv"},
+           check_specs=[AssetCheckSpec("submission_valid", asset=TTA_SUBMISSION, blocking=True,
+                                       description="Columns, ids equal the test ids, rows sum to 1, no NaN.")],
+           description="Step 8: test predictions of the quantized model, original + A/B-swapped (TTA).")
+    def tta_submission(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
+        from arena_assets.core import contract
+        from arena_assets.gpu.predict import tta_submission as tta
+        from arena_assets.gpu.quantize import quant_python
+
+        s = settings.get()
+        m = Materialization.begin(s, TTA_SUBMISSION, None, cv_tta)
+        qdir = m.read(QUANTIZED_MODEL)
+        cal = m.read(MERGED_MODEL) / "calibration.json"
+        for k in range(s.folds.n_folds):
+            m.read(STUDENT_CALIBRATION, str(k))
+        test = m.read(TEST_TABLE) / "table.parquet"
+        method = str(read_json(qdir / "quantization.json").get("method"))
+        py = other_python(quant_python(s.quant)) if method == "gptq" else None
+        res = compute.run(context, "tta", tta, qdir / "model", cal, s.fmt, s.infer, test, out_dir=m.out_dir, python=py)
+        m.commit()
+        sub = m.out_dir / "submission.csv"
+        ok, d = chk.submission_valid(sub, contract.read_table(test)["id"].tolist())
+        return MaterializeResult(
+            metadata=m.metadata(res, quant_method=method, tta=s.infer.tta, submission=MetadataValue.path(str(sub))),
+            check_results=[AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)])
+
+    @asset(key=FINAL_ENSEMBLE, deps=[TTA_SUBMISSION, STUDENT_FOLD_SUBMISSION, TEST_TABLE, TRAIN_TABLE],
+           code_version=cv_ens, group_name="final", automation_condition=eager, kinds={"csv"},
+           check_specs=[AssetCheckSpec("submission_valid", asset=FINAL_ENSEMBLE, blocking=True,
+                                       description="Columns, ids equal the test ids, rows sum to 1, no NaN.")],
+           description="Step 9: the submission (folds_mean | folds_cv_weighted | merged | blend).")
+    def final_ensemble(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
+        from arena_assets.assets.ensemble import build_ensemble
+        from arena_assets.core import contract
+
+        s = settings.get()
+        m = Materialization.begin(s, FINAL_ENSEMBLE, None, cv_ens)
+        folds = {k: m.read(STUDENT_FOLD_SUBMISSION, str(k)) for k in range(s.folds.n_folds)}
+        tta_dir = m.read(TTA_SUBMISSION)
+        test = m.read(TEST_TABLE) / "table.parquet"
+        train = m.read(TRAIN_TABLE) / "table.parquet"
+        info = build_ensemble(s.ensemble, folds, tta_dir, train, m.out_dir)
+        m.commit({"sources": info["sources"], "weights": info["weights"]})
+        sub = m.out_dir / "submission.csv"
+        ok, d = chk.submission_valid(sub, contract.read_table(test)["id"].tolist())
+        rows = [(k, info["fold_logloss_raw"].get(k, float("nan")), info["fold_logloss"].get(k, float("nan")),
+                 info["fold_accuracy"].get(k, float("nan"))) for k in sorted(info["fold_logloss"])]
+        table = md_table(["fold", "cv_logloss_raw", "cv_logloss", "accuracy"], rows)
+        src = md_table(["source", "weight"], [(a, float(w)) for a, w in zip(info["sources"], info["weights"])])
+        md = m.metadata(
+            mode=s.ensemble.mode, submission=MetadataValue.path(str(sub)),
+            per_fold=MetadataValue.md(f"### Per-fold CV log-loss\n\n{table}\n\n### Sources\n\n{src}"),
+            sources=MetadataValue.json(info["sources"]), weights=MetadataValue.json(info["weights"]),
+            mean_cv_logloss=float(info["mean_cv_logloss"]),
+        )
+        if info.get("oof_logloss") is not None:
+            md["oof_logloss"] = float(info["oof_logloss"])
+        # --- plots (assets/plots.py): per-fold CV log-loss chart and inline text bars
+        from arena_assets.assets.plots import cv_logloss_metadata
+
+        md.update(cv_logloss_metadata(info["fold_logloss"], info.get("fold_logloss_raw")))
+        # --- end plots
+        return MaterializeResult(metadata=md, check_results=[
+            AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)])
+
+    out += [averaged_lora, merged_model, quantized_model, tta_submission, final_ensemble]
+    return out
