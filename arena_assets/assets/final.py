@@ -1,6 +1,7 @@
 """Stage: final. Average the fold adapters (step 6a), merge (6b), quantize to 8 bits (7), TTA
 inference (8) and the ensemble that is the submission (9)."""
 
+from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -35,9 +36,16 @@ from arena_assets.assets.keys import (
     base_key,
 )
 from arena_assets.assets.pools import gpu_pool
+from arena_assets.core.results import StepResult
 from arena_assets.core.settings import Settings
 from arena_assets.resources.compute import ComputeResource
 from arena_assets.resources.settings import SettingsResource
+
+
+def averaged_output(res: StepResult) -> Path:
+    """What averaging produced: ``adapter/`` (``mean_adapters``) or a merged ``model/``
+    (``mean_deltas``); ``merge_adapter`` takes either."""
+    return res.path("adapter") if "adapter" in res.paths else res.path("model")
 
 
 def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
@@ -61,12 +69,12 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         from arena_assets.gpu.average import average_adapters
 
         s = settings.get()
-        m = Materialization.begin(s, AVERAGED_LORA, None, cv_avg)
+        m = Materialization.begin(context, s, AVERAGED_LORA, None, step="average")
         adapters = [m.read(STUDENT_MODEL, str(k)) / "model" for k in range(s.folds.n_folds)]
         res = compute.run(context, "average", average_adapters, adapters, s.average, out_dir=m.out_dir)
         m.commit()
-        return MaterializeResult(metadata=m.metadata(res, n_adapters=len(adapters), method=s.average.method,
-                                                     adapter_size_mb=dir_size_mb(res.path("adapter"))))
+        return m.result(m.metadata(res, n_adapters=len(adapters), method=s.average.method,
+                                   adapter_size_mb=dir_size_mb(averaged_output(res))))
 
     @asset(key=MERGED_MODEL, deps=[AVERAGED_LORA, base_key(student), STUDENT_CALIBRATION], code_version=cv_avg,
            group_name="final", pool=pool, automation_condition=cron, kinds={"pytorch"},
@@ -75,15 +83,15 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         from arena_assets.gpu.average import merge_adapter
 
         s = settings.get()
-        m = Materialization.begin(s, MERGED_MODEL, None, cv_avg)
+        m = Materialization.begin(context, s, MERGED_MODEL, None, step="average")
         m.read(base_key(s.student_family))
-        adapter = m.read(AVERAGED_LORA) / "adapter"
+        adapter = averaged_output(StepResult.read(m.read(AVERAGED_LORA)))
         temps = [float(read_json(m.read(STUDENT_CALIBRATION, str(k)) / "calibration.json").get("temperature", 1.0))
                  for k in range(s.folds.n_folds)]
         res = compute.run(context, "merge", merge_adapter, adapter, temps, s.calibration, out_dir=m.out_dir)
         m.commit()
         cal = read_json(m.out_dir / "calibration.json")
-        return MaterializeResult(metadata=m.metadata(
+        return m.result(m.metadata(
             res, temperature=float(cal.get("temperature", 1.0)), fold_temperatures=MetadataValue.json(temps),
             model_size_mb=dir_size_mb(res.path("model"))))
 
@@ -94,14 +102,14 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         from arena_assets.gpu.quantize import quant_python, quantize
 
         s = settings.get()
-        m = Materialization.begin(s, QUANTIZED_MODEL, None, cv_q)
+        m = Materialization.begin(context, s, QUANTIZED_MODEL, None, step="quantize")
         model = m.read(MERGED_MODEL) / "model"
         calib = m.read(TRAIN_TABLE) / "table.parquet"
         py = other_python(quant_python(s.quant)) if "gptq" in s.quant.methods else None
         res = compute.run(context, "quantize", quantize, model, s.quant, s.fmt, calib, out_dir=m.out_dir, python=py)
         m.commit()
         q = read_json(m.out_dir / "quantization.json")
-        return MaterializeResult(metadata=m.metadata(
+        return m.result(m.metadata(
             res, method=str(q.get("method")), fallback_reason=str(q.get("fallback_reason") or ""),
             quant_python=py or "this interpreter",
             quantized_path=MetadataValue.path(str(res.path("model"))),
@@ -118,7 +126,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         from arena_assets.gpu.quantize import quant_python
 
         s = settings.get()
-        m = Materialization.begin(s, TTA_SUBMISSION, None, cv_tta)
+        m = Materialization.begin(context, s, TTA_SUBMISSION, None, step="tta")
         qdir = m.read(QUANTIZED_MODEL)
         cal = m.read(MERGED_MODEL) / "calibration.json"
         for k in range(s.folds.n_folds):
@@ -127,12 +135,12 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         method = str(read_json(qdir / "quantization.json").get("method"))
         py = other_python(quant_python(s.quant)) if method == "gptq" else None
         res = compute.run(context, "tta", tta, qdir / "model", cal, s.fmt, s.infer, test, out_dir=m.out_dir, python=py)
-        m.commit()
         sub = m.out_dir / "submission.csv"
         ok, d = chk.submission_valid(sub, contract.read_table(test)["id"].tolist())
-        return MaterializeResult(
-            metadata=m.metadata(res, quant_method=method, tta=s.infer.tta, submission=MetadataValue.path(str(sub))),
-            check_results=[AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)])
+        checks = [AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)]
+        m.commit(checks=checks)
+        return m.result(
+            m.metadata(res, quant_method=method, tta=s.infer.tta, submission=MetadataValue.path(str(sub))), checks)
 
     @asset(key=FINAL_ENSEMBLE, deps=[TTA_SUBMISSION, STUDENT_FOLD_SUBMISSION, TEST_TABLE, TRAIN_TABLE],
            code_version=cv_ens, group_name="final", automation_condition=eager, kinds={"csv"},
@@ -144,15 +152,16 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         from arena_assets.core import contract
 
         s = settings.get()
-        m = Materialization.begin(s, FINAL_ENSEMBLE, None, cv_ens)
+        m = Materialization.begin(context, s, FINAL_ENSEMBLE, None, step="ensemble")
         folds = {k: m.read(STUDENT_FOLD_SUBMISSION, str(k)) for k in range(s.folds.n_folds)}
         tta_dir = m.read(TTA_SUBMISSION)
         test = m.read(TEST_TABLE) / "table.parquet"
         train = m.read(TRAIN_TABLE) / "table.parquet"
         info = build_ensemble(s.ensemble, folds, tta_dir, train, m.out_dir)
-        m.commit({"sources": info["sources"], "weights": info["weights"]})
         sub = m.out_dir / "submission.csv"
         ok, d = chk.submission_valid(sub, contract.read_table(test)["id"].tolist())
+        checks = [AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)]
+        m.commit({"sources": info["sources"], "weights": info["weights"]}, checks=checks)
         rows = [(k, info["fold_logloss_raw"].get(k, float("nan")), info["fold_logloss"].get(k, float("nan")),
                  info["fold_accuracy"].get(k, float("nan"))) for k in sorted(info["fold_logloss"])]
         table = md_table(["fold", "cv_logloss_raw", "cv_logloss", "accuracy"], rows)
@@ -170,8 +179,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
         md.update(cv_logloss_metadata(info["fold_logloss"], info.get("fold_logloss_raw")))
         # --- end plots
-        return MaterializeResult(metadata=md, check_results=[
-            AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)])
+        return m.result(md, checks)
 
     out += [averaged_lora, merged_model, quantized_model, tta_submission, final_ensemble]
     return out

@@ -14,7 +14,13 @@ from dagster import (
 
 from arena_assets.assets import checks as chk
 from arena_assets.assets.common import Materialization, fold_of, step_code_version
-from arena_assets.assets.keys import FOLD_ASSIGNMENTS, FOLD_DATA, TRAIN_TABLE, fold_partitions
+from arena_assets.assets.keys import (
+    FOLD_ASSIGNMENTS,
+    FOLD_BACKFILL,
+    FOLD_DATA,
+    TRAIN_TABLE,
+    fold_partitions,
+)
 from arena_assets.core.settings import Settings
 from arena_assets.resources.settings import SettingsResource
 
@@ -40,27 +46,23 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         from arena_assets.core.artifacts import staged_dir
 
         s = settings.get()
-        m = Materialization.begin(s, FOLD_ASSIGNMENTS, None, folds_cv)
+        m = Materialization.begin(context, s, FOLD_ASSIGNMENTS, None, step="folds")
         train = contract.read_table(m.read(TRAIN_TABLE) / "table.parquet")
         assignment = folds.make_folds(train, s.folds.n_folds, s.folds.seed, s.folds.group_by_prompt)
         name = folds.folds_filename(s.folds.n_folds, s.folds.seed)
         with staged_dir(m.out_dir) as tmp:
             folds.write_folds(assignment, tmp / name)
-        m.commit()
         fold_of = chk.fold_of_ids(folds.read_folds(m.out_dir / name))
         ok1, d1 = chk.folds_disjoint_and_cover(fold_of, train["id"].tolist(), s.folds.n_folds)
         ok2, d2 = chk.folds_stratified(fold_of, train)
+        checks = [AssetCheckResult(check_name="folds_disjoint_and_cover", passed=ok1, metadata=d1),
+                  AssetCheckResult(check_name="folds_stratified", passed=ok2, metadata=d2)]
+        m.commit(checks=checks)  # a split failing a blocking check is never what fold_data reads
         sizes = {str(k): int(v) for k, v in sorted(chk.fold_sizes(fold_of).items())}
-        return MaterializeResult(
-            metadata=m.metadata(path=MetadataValue.path(str(m.out_dir / name)), n_folds=s.folds.n_folds,
-                                rows=len(fold_of), fold_sizes=MetadataValue.json(sizes)),
-            check_results=[
-                AssetCheckResult(check_name="folds_disjoint_and_cover", passed=ok1, metadata=d1),
-                AssetCheckResult(check_name="folds_stratified", passed=ok2, metadata=d2),
-            ],
-        )
+        return m.result(m.metadata(path=MetadataValue.path(str(m.out_dir / name)), n_folds=s.folds.n_folds,
+                                   rows=len(fold_of), fold_sizes=MetadataValue.json(sizes)), checks)
 
-    @asset(key=FOLD_DATA, deps=[TRAIN_TABLE, FOLD_ASSIGNMENTS], partitions_def=parts, code_version=folds_cv,
+    @asset(key=FOLD_DATA, deps=[TRAIN_TABLE, FOLD_ASSIGNMENTS], partitions_def=parts, backfill_policy=FOLD_BACKFILL, code_version=folds_cv,
            group_name="data", automation_condition=eager, kinds={"parquet"},
            description="One fold's train and validation tables.")
     def fold_data(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
@@ -69,7 +71,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
         s = settings.get()
         k = fold_of(context)
-        m = Materialization.begin(s, FOLD_DATA, str(k), folds_cv)
+        m = Materialization.begin(context, s, FOLD_DATA, str(k), step="folds")
         train = contract.read_table(m.read(TRAIN_TABLE) / "table.parquet")
         fa = m.read(FOLD_ASSIGNMENTS)
         assignment = folds.read_folds(fa / folds.folds_filename(s.folds.n_folds, s.folds.seed))
@@ -78,7 +80,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             contract.write_table(tr, tmp / "train.parquet")
             contract.write_table(va, tmp / "valid.parquet")
         m.commit()
-        return MaterializeResult(metadata=m.metadata(
+        return m.result(m.metadata(
             fold=k, train_rows=int(len(tr)), valid_rows=int(len(va)),
             valid_label_mean=MetadataValue.json(contract.summarize(va).get("label_mean", {})),
             train_path=MetadataValue.path(str(m.out_dir / "train.parquet")),

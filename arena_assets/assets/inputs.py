@@ -75,7 +75,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             from arena_assets.core.artifacts import file_sha256, staged_dir
 
             s = settings.get()
-            m = Materialization.begin(s, key, None, TABLES_VERSION)
+            m = Materialization.begin(context, s, key, None, code_version=TABLES_VERSION)
             src = s.resolve(getattr(s.data, attr))
             if src is not None and src.exists():
                 df = getattr(contract, reader)(src)
@@ -99,7 +99,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             )
             for c, v in (summ.get("label_mean") or {}).items():
                 md[f"label_mean_{c}"] = float(v)
-            return MaterializeResult(metadata=md)
+            return m.result(md)
 
         return _table
 

@@ -4,7 +4,7 @@ Every stage module (inputs, folds, teachers, students, final) and the jobs, the 
 the tests name assets through these constants, so a key is spelled once.
 """
 
-from dagster import AssetKey, StaticPartitionsDefinition
+from dagster import AssetKey, BackfillPolicy, StaticPartitionsDefinition
 
 from arena_assets.core.settings import Settings, settings_hash
 
@@ -46,3 +46,9 @@ def fold_partitions(settings: Settings) -> StaticPartitionsDefinition:
     """The one partitions definition of every per-fold asset."""
     return StaticPartitionsDefinition([str(k) for k in range(settings.folds.n_folds)])
 
+
+
+FOLD_BACKFILL = BackfillPolicy.multi_run(max_partitions_per_run=1)
+"""How a backfill of per-fold assets runs: one run per fold, all launched at once (the pools and
+run limits decide how many proceed; on Slurm every fold's job is submitted together). Not a
+single run over a range: that loses per-fold check results and fails every fold when one fails."""

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dagster import AssetKey, AssetsDefinition, DagsterInstance, Definitions, materialize
-from dagster._core.definitions.observe import observe  # not re-exported at the top level in 1.13
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +77,14 @@ def _assets(defs: Definitions) -> list[Any]:
     return list(defs.assets or [])
 
 
-def _keys_of(a: Any) -> set[AssetKey]:
-    return set(getattr(a, "keys", None) or [a.key])
-
-
 def observe_sources(defs: Definitions, instance: DagsterInstance) -> str:
     """Observe the raw input files (their hashes become the sources' data versions)."""
     graph = defs.resolve_asset_graph()
     observable = {n.key for n in graph.asset_nodes if n.is_observable and not n.is_materializable}
-    sources = [a for a in _assets(defs) if _keys_of(a) & observable]
-    res = observe(sources, instance=instance, resources=defs.resources, tags={"arena/stage": "observe"})
+    # materialize() of an observable source's key observes it (public API; dagster's observe()
+    # is not exported at the top level in 1.13)
+    res = materialize(_assets(defs), selection=sorted(observable, key=lambda k: k.to_user_string()),
+                      instance=instance, resources=defs.resources, tags={"arena/stage": "observe"})
     return res.run_id
 
 

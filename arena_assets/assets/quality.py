@@ -102,7 +102,7 @@ def build_quality_assets(settings: Settings) -> list[AssetsDefinition]:
         from arena_assets.core.artifacts import atomic_write_json, atomic_write_text, staged_dir
 
         s = settings.get()
-        m = Materialization.begin(s, QUALITY_REPORT, None, cv)
+        m = Materialization.begin(context, s, QUALITY_REPORT, None, code_version=cv)
         truth = quality.load_truth(s.resolve(s.data.truth_json))
         work = m.out_dir.parent / f".extra-{m.out_dir.name}"
         try:
@@ -123,6 +123,6 @@ def build_quality_assets(settings: Settings) -> list[AssetsDefinition]:
         meta.update(report=MetadataValue.md(md), reference=rep["reference"],
                     targets_met=f"{sum(bool(t['met']) for t in met)}/{len(met)}",
                     path=MetadataValue.path(str(m.out_dir / "report.json")))
-        return MaterializeResult(metadata=m.metadata(**meta))
+        return m.result(m.metadata(**meta))
 
     return [quality_report]

@@ -19,7 +19,6 @@ core/ for tables, folds and ensembles), commit the version, return metadata. Hea
 location stays fast.
 """
 
-import warnings
 from typing import Any
 
 from dagster import AssetsDefinition, SourceAsset
@@ -27,11 +26,6 @@ from dagster import AssetsDefinition, SourceAsset
 from arena_assets.assets import final, folds, inputs, students, teachers
 from arena_assets.assets.keys import *  # noqa: F403  (the keys, re-exported for jobs, quality, tests)
 from arena_assets.core.settings import Settings
-
-# Beta/preview APIs used on purpose: observable sources (file hash = data version) and
-# partitioned check specs (one check result per fold).
-warnings.filterwarnings("ignore", message=".*observable_source_asset.*")
-warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
 STAGES = (inputs, folds, teachers, students, final)
 

@@ -24,6 +24,7 @@ from arena_assets.assets.common import (
 )
 from arena_assets.assets.keys import (
     BASELINE_STUDENT,
+    FOLD_BACKFILL,
     FOLD_DATA,
     STUDENT_CALIBRATION,
     STUDENT_FOLD_SUBMISSION,
@@ -53,7 +54,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
     cv_c = step_code_version(settings, "calibration")
     cv_p = step_code_version(settings, "predict")
 
-    @asset(key=STUDENT_MODEL, deps=[FOLD_DATA, TEACHER_OOF, base_key(student)], partitions_def=parts,
+    @asset(key=STUDENT_MODEL, deps=[FOLD_DATA, TEACHER_OOF, base_key(student)], partitions_def=parts, backfill_policy=FOLD_BACKFILL,
            code_version=cv_s, group_name="student", pool=pool, automation_condition=cron, kinds={"pytorch"},
            description="Step 5: the student (LoRA) distilled from the teachers' OOF probabilities, one fold.")
     def student_model(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
@@ -61,18 +62,18 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
         s = settings.get()
         k = fold_of(context)
-        m = Materialization.begin(s, STUDENT_MODEL, str(k), cv_s)
+        m = Materialization.begin(context, s, STUDENT_MODEL, str(k), step="student")
         tr, va = fold_tables(m, k)
         base = m.read(base_key(s.student_family)) / "model"
         toof = m.read(TEACHER_OOF) / "teacher_oof.parquet"
         res = compute.run(context, "student", train_student, base, s.student, s.fmt, tr, va, toof, out_dir=m.out_dir,
                           checkpoint_dir=m.checkpoint_dir("student"))
         m.commit()
-        return MaterializeResult(metadata=m.metadata(
+        return m.result(m.metadata(
             res, fold=k, kd_alpha=s.student.kd.alpha, kd_temperature=s.student.kd.temperature,
             adapter_size_mb=dir_size_mb(res.path("model"))))
 
-    @asset(key=BASELINE_STUDENT, deps=[FOLD_DATA, base_key(student)], partitions_def=parts, code_version=cv_b,
+    @asset(key=BASELINE_STUDENT, deps=[FOLD_DATA, base_key(student)], partitions_def=parts, backfill_policy=FOLD_BACKFILL, code_version=cv_b,
            group_name="student", pool=pool, automation_condition=cron, kinds={"pytorch"},
            description="The CE-only student (the seed's job.sh): the same training without distillation.")
     def baseline_student(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
@@ -80,15 +81,15 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
         s = settings.get()
         k = fold_of(context)
-        m = Materialization.begin(s, BASELINE_STUDENT, str(k), cv_b)
+        m = Materialization.begin(context, s, BASELINE_STUDENT, str(k), step="baseline")
         tr, va = fold_tables(m, k)
         base = m.read(base_key(s.student_family)) / "model"
         res = compute.run(context, "student", train_student, base, s.baseline, s.fmt, tr, va, None, out_dir=m.out_dir,
                           checkpoint_dir=m.checkpoint_dir("baseline"))
         m.commit()
-        return MaterializeResult(metadata=m.metadata(res, fold=k, adapter_size_mb=dir_size_mb(res.path("model"))))
+        return m.result(m.metadata(res, fold=k, adapter_size_mb=dir_size_mb(res.path("model"))))
 
-    @asset(key=STUDENT_CALIBRATION, deps=[STUDENT_MODEL, FOLD_DATA], partitions_def=parts, code_version=cv_c,
+    @asset(key=STUDENT_CALIBRATION, deps=[STUDENT_MODEL, FOLD_DATA], partitions_def=parts, backfill_policy=FOLD_BACKFILL, code_version=cv_c,
            group_name="student", automation_condition=cron, kinds={"json"},
            description="Temperature scaling fitted on the fold's validation logits (LBFGS).")
     def student_calibration(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
@@ -96,7 +97,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
         s = settings.get()
         k = fold_of(context)
-        m = Materialization.begin(s, STUDENT_CALIBRATION, str(k), cv_c)
+        m = Materialization.begin(context, s, STUDENT_CALIBRATION, str(k), step="calibration")
         _, va = fold_tables(m, k)
         preds = m.read(STUDENT_MODEL, str(k)) / "valid_predictions.parquet"
         res = compute.run(context, "calibration", calibrate, preds, va, s.calibration, out_dir=m.out_dir)
@@ -107,13 +108,13 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
         rel = reliability_metadata(preds, va, float(cal.get("temperature", 1.0)), title=f"student fold {k}")
         # --- end plots
-        return MaterializeResult(metadata=m.metadata(
+        return m.result(m.metadata(
             res, fold=k, temperature=float(cal.get("temperature", 1.0)),
             nll_before=float(cal.get("nll_before", float("nan"))), nll_after=float(cal.get("nll_after", float("nan"))),
             **rel))
 
     @asset(key=STUDENT_FOLD_SUBMISSION, deps=[STUDENT_MODEL, STUDENT_CALIBRATION, FOLD_DATA, TEST_TABLE],
-           partitions_def=parts, code_version=cv_p, group_name="student", pool=pool,
+           partitions_def=parts, backfill_policy=FOLD_BACKFILL, code_version=cv_p, group_name="student", pool=pool,
            automation_condition=cron, kinds={"csv"},
            check_specs=[
                AssetCheckSpec("submission_valid", asset=STUDENT_FOLD_SUBMISSION, blocking=True, partitions_def=parts,
@@ -128,27 +129,26 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
         s = settings.get()
         k = fold_of(context)
-        m = Materialization.begin(s, STUDENT_FOLD_SUBMISSION, str(k), cv_p)
+        m = Materialization.begin(context, s, STUDENT_FOLD_SUBMISSION, str(k), step="predict")
         tr, va = fold_tables(m, k)
         model = m.read(STUDENT_MODEL, str(k)) / "model"
         cal = m.read(STUDENT_CALIBRATION, str(k)) / "calibration.json"
         test = m.read(TEST_TABLE) / "table.parquet"
         res = compute.run(context, "predict", fold_submission, model, cal, s.fmt, s.infer, va, test, out_dir=m.out_dir)
-        m.commit()
         sub = m.out_dir / "submission.csv"
         test_ids = contract.read_table(test)["id"].tolist()
         ok, d = chk.submission_valid(sub, test_ids)
         prior = chk.class_prior_logloss(contract.read_table(tr), contract.read_table(va))
         cv = float(res.metrics.get("cv_logloss", float("nan")))
-        return MaterializeResult(
-            metadata=m.metadata(res, fold=k, class_prior_logloss=prior, submission=MetadataValue.path(str(sub))),
-            check_results=[
-                AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d),
-                AssetCheckResult(check_name="beats_class_prior", passed=bool(cv < prior),
-                                 severity=AssetCheckSeverity.WARN,
-                                 metadata={"cv_logloss": cv, "class_prior_logloss": prior}),
-            ],
-        )
+        checks = [
+            AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d),
+            AssetCheckResult(check_name="beats_class_prior", passed=bool(cv < prior),
+                             severity=AssetCheckSeverity.WARN,
+                             metadata={"cv_logloss": cv, "class_prior_logloss": prior}),
+        ]
+        m.commit(checks=checks)
+        return m.result(
+            m.metadata(res, fold=k, class_prior_logloss=prior, submission=MetadataValue.path(str(sub))), checks)
 
     out += [student_model, baseline_student, student_calibration, student_fold_submission]
     return out

@@ -23,6 +23,7 @@ from arena_assets.assets.common import (
 )
 from arena_assets.assets.keys import (
     EXTERNAL_PAIRS,
+    FOLD_BACKFILL,
     FOLD_DATA,
     TEACHER_OOF,
     TEST_TABLE,
@@ -59,13 +60,13 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             from arena_assets.gpu.pretrain import post_pretrain
 
             s = settings.get()
-            m = Materialization.begin(s, key, None, cv)
+            m = Materialization.begin(context, s, key, None, step="post_pretrain", family=family)
             external = m.read(EXTERNAL_PAIRS) / "table.parquet"
             corpus = [m.read(TRAIN_TABLE) / "table.parquet", m.read(TEST_TABLE) / "table.parquet", external]
             res = compute.run(context, "post_pretrain", post_pretrain, s.families[family], s.post_pretrain,
                               s.fmt, external, corpus, out_dir=m.out_dir)
             m.commit()
-            return MaterializeResult(metadata=m.metadata(
+            return m.result(m.metadata(
                 res, family=family, model_size_mb=dir_size_mb(res.path("model")),
                 post_pretrain_enabled=s.post_pretrain.enabled))
 
@@ -76,7 +77,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         cv_o = step_code_version(settings, "teacher_oof", family)
         tkey, okey = teacher_key(family), teacher_probs_key(family)
 
-        @asset(key=tkey, deps=[FOLD_DATA, base_key(family), EXTERNAL_PAIRS], partitions_def=parts,
+        @asset(key=tkey, deps=[FOLD_DATA, base_key(family), EXTERNAL_PAIRS], partitions_def=parts, backfill_policy=FOLD_BACKFILL,
                code_version=cv_t, group_name=family, pool=pool, automation_condition=cron,
                kinds={"pytorch"}, description=f"Step 3: {family} teacher (LoRA) trained on one fold.")
         def _teacher(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
@@ -84,17 +85,17 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
             s = settings.get()
             k = fold_of(context)
-            m = Materialization.begin(s, tkey, str(k), cv_t)
+            m = Materialization.begin(context, s, tkey, str(k), step="teacher", family=family)
             tr, va = fold_tables(m, k)
             base = m.read(base_key(family)) / "model"
             external = m.read(EXTERNAL_PAIRS) / "table.parquet"
             res = compute.run(context, "teacher", train_teacher, base, s.teacher, s.fmt, tr, va, external,
                               out_dir=m.out_dir, checkpoint_dir=m.checkpoint_dir("teacher"))
             m.commit()
-            return MaterializeResult(metadata=m.metadata(
+            return m.result(m.metadata(
                 res, fold=k, family=family, adapter_size_mb=dir_size_mb(res.path("model"))))
 
-        @asset(key=okey, deps=[tkey, FOLD_DATA], partitions_def=parts, code_version=cv_o, group_name=family,
+        @asset(key=okey, deps=[tkey, FOLD_DATA], partitions_def=parts, backfill_policy=FOLD_BACKFILL, code_version=cv_o, group_name=family,
                pool=pool, automation_condition=cron, kinds={"parquet"},
                description=f"Step 4: {family} teacher's out-of-fold probabilities on its validation fold.")
         def _probs(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
@@ -102,13 +103,13 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
             s = settings.get()
             k = fold_of(context)
-            m = Materialization.begin(s, okey, str(k), cv_o)
+            m = Materialization.begin(context, s, okey, str(k), step="teacher_oof", family=family)
             _, va = fold_tables(m, k)
             model = m.read(tkey, str(k)) / "model"
             res = compute.run(context, "teacher_oof", teacher_oof, model, s.fmt, s.infer, va, k, family,
                               out_dir=m.out_dir)
             m.commit()
-            return MaterializeResult(metadata=m.metadata(res, fold=k, family=family))
+            return m.result(m.metadata(res, fold=k, family=family))
 
         return [_teacher, _probs]
 
@@ -132,7 +133,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         from arena_assets.core.artifacts import staged_dir
 
         s = settings.get()
-        m = Materialization.begin(s, TEACHER_OOF, None, cv_toof)
+        m = Materialization.begin(context, s, TEACHER_OOF, None, code_version=cv_toof)
         train = contract.read_table(m.read(TRAIN_TABLE) / "table.parquet")
         frames = []
         for fam in s.teacher_families:
@@ -141,14 +142,14 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         oof = pd.concat(frames, ignore_index=True)
         with staged_dir(m.out_dir) as tmp:
             oof.to_parquet(tmp / "teacher_oof.parquet", index=False)
-        m.commit()
         ok, details = chk.oof_covers_once_per_family(oof, train["id"].tolist(), list(s.teacher_families))
+        checks = [AssetCheckResult(check_name="oof_covers_train_once_per_family", passed=ok, metadata=details)]
+        m.commit(checks=checks)
         md = m.metadata(rows=int(len(oof)), families=", ".join(s.teacher_families),
                         path=MetadataValue.path(str(m.out_dir / "teacher_oof.parquet")),
                         oof_coverage=float(details["coverage"]))
         md.update(chk.teacher_oof_metrics(oof, train))
-        return MaterializeResult(metadata=md, check_results=[
-            AssetCheckResult(check_name="oof_covers_train_once_per_family", passed=ok, metadata=details)])
+        return m.result(md, checks)
 
     out.append(teacher_oof)
     return out
