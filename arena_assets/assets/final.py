@@ -58,6 +58,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
     # ------------------------------------------------------------------ average, merge, quantize, TTA
     cv_avg = step_code_version(settings, "average")
+    cv_merge = step_code_version(settings, "merge")
     cv_q = step_code_version(settings, "quantize")
     cv_tta = step_code_version(settings, "tta")
     cv_ens = step_code_version(settings, "ensemble")
@@ -76,14 +77,14 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         return m.result(m.metadata(res, n_adapters=len(adapters), method=s.average.method,
                                    adapter_size_mb=dir_size_mb(averaged_output(res))))
 
-    @asset(key=MERGED_MODEL, deps=[AVERAGED_LORA, base_key(student), STUDENT_CALIBRATION], code_version=cv_avg,
+    @asset(key=MERGED_MODEL, deps=[AVERAGED_LORA, base_key(student), STUDENT_CALIBRATION], code_version=cv_merge,
            group_name="final", pool=pool, automation_condition=cron, kinds={"pytorch"},
            description="Step 6b: the averaged adapter merged into the student base (merge_and_unload).")
     def merged_model(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
         from arena_assets.gpu.average import merge_adapter
 
         s = settings.get()
-        m = Materialization.begin(context, s, MERGED_MODEL, None, step="average")
+        m = Materialization.begin(context, s, MERGED_MODEL, None, step="merge")
         m.read(base_key(s.student_family))
         adapter = averaged_output(StepResult.read(m.read(AVERAGED_LORA)))
         temps = [float(read_json(m.read(STUDENT_CALIBRATION, str(k)) / "calibration.json").get("temperature", 1.0))

@@ -17,13 +17,12 @@ from dagster import (
     observable_source_asset,
 )
 
-from arena_assets.assets.common import Materialization
+from arena_assets.assets.common import Materialization, step_code_version
 from arena_assets.assets.keys import (
     EXTERNAL_PAIRS,
     RAW_EXTERNAL,
     RAW_TEST,
     RAW_TRAIN,
-    TABLES_VERSION,
     TEST_TABLE,
     TRAIN_TABLE,
 )
@@ -64,8 +63,10 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
     eager = auto.get("eager")
 
     # ------------------------------------------------------------------ tables
+    tables_cv = step_code_version(settings, "tables")
+
     def table_asset(key: AssetKey, raw: AssetKey, attr: str, reader: str, check_name: str) -> AssetsDefinition:
-        @asset(key=key, deps=[raw], code_version=TABLES_VERSION, group_name="data", kinds={"parquet"},
+        @asset(key=key, deps=[raw], code_version=tables_cv, group_name="data", kinds={"parquet"},
                automation_condition=eager,
                description=f"The normalized {attr} table (data contract, parquet).")
         def _table(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
@@ -75,7 +76,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             from arena_assets.core.artifacts import file_sha256, staged_dir
 
             s = settings.get()
-            m = Materialization.begin(context, s, key, None, code_version=TABLES_VERSION)
+            m = Materialization.begin(context, s, key, None, step="tables")
             src = s.resolve(getattr(s.data, attr))
             if src is not None and src.exists():
                 df = getattr(contract, reader)(src)

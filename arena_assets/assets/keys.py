@@ -6,9 +6,7 @@ the tests name assets through these constants, so a key is spelled once.
 
 from dagster import AssetKey, BackfillPolicy, StaticPartitionsDefinition
 
-from arena_assets.core.settings import Settings, settings_hash
-
-TABLES_VERSION = settings_hash({"step": "tables", "contract": 1})
+from arena_assets.core.settings import Settings
 
 RAW_TRAIN = AssetKey("raw_train_csv")
 RAW_TEST = AssetKey("raw_test_csv")

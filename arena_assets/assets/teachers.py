@@ -64,7 +64,8 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             external = m.read(EXTERNAL_PAIRS) / "table.parquet"
             corpus = [m.read(TRAIN_TABLE) / "table.parquet", m.read(TEST_TABLE) / "table.parquet", external]
             res = compute.run(context, "post_pretrain", post_pretrain, s.families[family], s.post_pretrain,
-                              s.fmt, external, corpus, out_dir=m.out_dir)
+                              s.fmt, external, corpus, out_dir=m.out_dir,
+                              checkpoint_dir=m.checkpoint_dir("post_pretrain"))
             m.commit()
             return m.result(m.metadata(
                 res, family=family, model_size_mb=dir_size_mb(res.path("model")),
@@ -107,7 +108,7 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             _, va = fold_tables(m, k)
             model = m.read(tkey, str(k)) / "model"
             res = compute.run(context, "teacher_oof", teacher_oof, model, s.fmt, s.infer, va, k, family,
-                              out_dir=m.out_dir)
+                              out_dir=m.out_dir, max_length=s.teacher.oof_length)
             m.commit()
             return m.result(m.metadata(res, fold=k, family=family))
 

@@ -6,9 +6,12 @@ Dagster installed. The defaults run the embedded demo (tiny models, CPU, minutes
 values for real checkpoints are documented next to each field and collected in
 ``settings/first_place.example.yaml``.
 
-Staleness: each asset's Dagster ``code_version`` is :func:`settings_hash` of the step settings
-object it uses (see :meth:`Settings.for_step`), so changing ``student.kd.alpha`` marks exactly the
-student's assets and their dependents stale, nothing else.
+Staleness: each asset's Dagster ``code_version`` is :func:`settings_hash` of
+:meth:`Settings.for_step`: the step's own code version plus the settings its step function
+receives (derived from its typed signature in ``core/versions.py``), less the fields marked here
+with :func:`speed_only` or :func:`read_by_no_step`; fields marked :func:`hashed_as` enter as a
+derived value (the global batch, the attention math). So changing ``student.kd.alpha`` marks
+exactly the student's assets and their dependents stale, ``infer.batch_size`` nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +28,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 SETTINGS_ENV = "ARENA_SETTINGS"
 """Environment variable naming the settings file (YAML or TOML)."""
 
-STEP_VERSION = "1"
-"""Bumped when a step's code changes in a way that invalidates its artifacts."""
+CODE_VERSION_KEY = "code_version"
+"""The marker's key in a field's ``json_schema_extra`` (also visible in the JSON schema)."""
+
+
+def speed_only(default: Any, why: str) -> Any:
+    """A field that changes how fast, where or how verbosely a step runs, never what it computes
+    (batch sizes of inference, GPU counts, compile, logging/save intervals): code versions leave
+    it out, so changing it re-runs nothing. ``why`` says why it cannot change the outputs."""
+    return Field(default, json_schema_extra={CODE_VERSION_KEY: "speed_only", "why": why})
+
+
+def read_by_no_step(default: Any, why: str) -> Any:
+    """A field no step function reads (kept so settings files stay valid): left out of every code
+    version; tests/gpu/test_versions_oracle.py fails if a step starts reading it."""
+    return Field(default, json_schema_extra={CODE_VERSION_KEY: "unused", "why": why})
+
+
+def hashed_as(default: Any, derived: str) -> Any:
+    """A field that matters only through a derived value (``core/versions.DERIVED``), e.g.
+    ``global_batch`` = per-device batch x grad_accum x data-parallel ranks: the versions hash the
+    derived value, so 16 x 1 on one rank and 8 x 2 are the same training."""
+    return Field(default, json_schema_extra={CODE_VERSION_KEY: f"hashed_as:{derived}"})
 
 
 class _Frozen(BaseModel):
@@ -64,7 +87,8 @@ class ModelSpec(_Frozen):
     tokenizer_path: str | None = None
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["eager", "flex_attention", "arena_flex", "sdpa", "flash_attention_2"] = "eager"
+    attn_implementation: Literal["eager", "flex_attention", "arena_flex", "sdpa", "flash_attention_2"] = hashed_as(
+        "eager", "attention_math")
     """Gemma-2 applies attention softcapping only with eager, flex_attention or arena_flex; sdpa
     silently drops it. The default is eager (CPU); on GPUs ``arena_flex`` (gpu/packing.py:
     flex_attention compiled once, softcap as score_mod; what the packed paths need)."""
@@ -105,8 +129,8 @@ class TrainSettings(_Frozen):
     weight_decay: float = 0.0
     num_epochs: float = 1.0
     max_steps: int = -1
-    per_device_batch_size: int = 16
-    grad_accum: int = 1
+    per_device_batch_size: int = hashed_as(16, "global_batch")
+    grad_accum: int = hashed_as(1, "global_batch")
     """1st place: global batch 64."""
     max_length: int = 192
     """Training max length (1st place teachers: 1024). The demo's rows are about 130 tokens."""
@@ -115,20 +139,20 @@ class TrainSettings(_Frozen):
     seed: int = 42
     bf16: bool = False
     fp16: bool = False
-    gradient_checkpointing: bool = False
-    save_steps: int = 50
-    eval_steps: int = 50
+    gradient_checkpointing: bool = speed_only(False, "recomputes activations to save memory; same gradients")
+    save_steps: int = speed_only(50, "how often a resumable checkpoint is written")
+    eval_steps: int = speed_only(50, "how often the validation loss is logged (history.json)")
     """Evaluate on the validation fold every N steps (loss curves in history.json); 0 = only once
     at the end."""
-    logging_steps: int = 5
-    dataloader_workers: int = 0
-    packing: bool = False
+    logging_steps: int = speed_only(5, "logging interval")
+    dataloader_workers: int = speed_only(0, "data loading processes")
+    packing: bool = speed_only(False, "packed slabs give the padded batches' loss (test_packed_student_trains_like_the_padded_one)")
     """One packed slab per batch instead of padded rows (gpu/packing.py): no compute on pad
     tokens; with ``arena_flex`` attention no L x L scores either. Same loss as padding."""
-    packing_slab_tokens: int | None = None
+    packing_slab_tokens: int | None = speed_only(None, "slab length of packing (compile shapes)")
     """Fixed slab length (one shape for torch.compile; must hold a whole batch); None = the
     batch's tokens rounded up to 128."""
-    compile: bool = False
+    compile: bool = speed_only(False, "torch.compile of the same layers")
     """CUDA: ``torch.compile`` each decoder layer (gpu/fast.compile_layers, static shapes). With
     packing + arena_flex it took the 9B student's LoRA step from 0.36 to 0.56 of the H100's bf16
     ceiling (docs/gpu.md); every new slab length compiles once, so pair it with
@@ -138,7 +162,7 @@ class TrainSettings(_Frozen):
 class FormatSettings(_Frozen):
     """How a row becomes a model input (see gpu/formatting.py)."""
 
-    max_length: int = 192
+    max_length: int = read_by_no_step(192, "training reads TrainSettings.max_length, inference InferSettings.max_length")
     """Default length where a step has no own max length (training uses ``TrainSettings.max_length``,
     inference ``InferSettings.max_length``)."""
     prompt_max_tokens: int = 48
@@ -180,6 +204,14 @@ class TeacherSettings(_Frozen):
     distilling them made the KD student worse than the CE-only one (docs/fidelity.md)."""
     max_external_rows: int | None = 500
     """Demo budget; 1st place: about 33k external rows per teacher (None = all)."""
+    oof_max_length: int | None = None
+    """Token length of the teacher OOF predictions (step 4); None = the teacher's training
+    ``train.max_length`` (1st place: 1024), not ``infer.max_length`` (the student's TTA length)."""
+
+    @property
+    def oof_length(self) -> int:
+        """The max length ``predict.teacher_oof`` cuts rows to."""
+        return self.oof_max_length if self.oof_max_length is not None else self.train.max_length
 
 
 class KDSettings(_Frozen):
@@ -228,7 +260,7 @@ class QuantSettings(_Frozen):
     """1st place: 128 calibration texts (settings/first_place.example.yaml)."""
     calibration_max_length: int = 256
     """1st place: seqlen 2100."""
-    python: str | None = None
+    python: str | None = speed_only(None, "which interpreter runs the step, not what it computes")
     """Interpreter of the GPTQ environment (GPTQModel pins protobuf>=7, Dagster <7).
     None: ``$ARENA_QUANT_PYTHON`` or ``.venv-quant/bin/python`` when present."""
 
@@ -237,21 +269,21 @@ class InferSettings(_Frozen):
     """Step 8: TTA inference (original + A/B-swapped, averaged)."""
 
     max_length: int = 2000
-    batch_size: int = 16
+    batch_size: int = speed_only(16, "rows per forward pass; each row's logits do not depend on it")
     tta: bool = True
-    sort_by_length: bool = True
+    sort_by_length: bool = speed_only(True, "order of the forward passes; results are put back in row order")
     apply_calibration: bool = True
-    slab_tokens: int = 16384
+    slab_tokens: int = speed_only(16384, "packed slab size, like a batch size")
     """CUDA with flex attention (``arena_flex``): rows are packed into slabs of this many tokens
     (gpu/packing.py); it bounds activation memory like a batch size (4096-8192 on 16 GB cards)."""
     fp8: Literal["off", "mlp", "all"] = "off"
     """FP8 linears for TTA on GPUs with FP8 tensor cores (H100: 1.35x bf16 with ``all``, both
     compiled; docs/gpu.md). ``mlp`` keeps the attention projections bf16: on the fidelity
     benchmark's trained student its probabilities stay within 0.003 of bf16 (``all``: 0.02)."""
-    gpus: int | None = None
+    gpus: int | None = speed_only(None, "GPUs the rows are sharded over; rows are independent")
     """GPUs the TTA steps shard rows over (one process per GPU, length-balanced shards, no
     communication): None = every GPU the job sees; 1 = one process."""
-    compile: bool = True
+    compile: bool = speed_only(True, "torch.compile of the same layers")
     """CUDA with ``arena_flex``: ``torch.compile`` each decoder layer once for the fixed slab shape
     (about a minute of warm-up on an H100; 0.46 -> 0.64 of the bf16 ceiling, docs/gpu.md)."""
 
@@ -287,9 +319,11 @@ class StepNeeds(_Frozen):
     time_min: int = 60
     nodes: int = 1
     tasks_per_node: int = 1
-    """Ranks per node (Slurm). > 1 on a training step = data-parallel training: one rank per GPU
-    (set it to ``gpus``), torch.distributed's env exported by submitit, DDP by the Trainer; rank
-    0 alone writes the artifact. ``cpus`` is per rank. ``nodes`` > 1 = multi-node, same code."""
+    """Ranks per node (Slurm). > 1 on a training step = data-parallel training: one rank per GPU,
+    torch.distributed's env exported by submitit, DDP by the Trainer; rank 0 alone writes the
+    artifact. ``cpus`` is per rank. ``nodes`` > 1 = multi-node, same code. Under
+    ``compute.needs`` a training step's unset value follows ``gpus`` and a different one is
+    refused (``ComputeSettings._ranks_follow_gpus``)."""
 
 
 class SlurmSettings(_Frozen):
@@ -305,6 +339,12 @@ class SlurmSettings(_Frozen):
     poll_s: float = 1.0
     signal_delay_s: int = 30
     job_array: bool = False
+    requeue: bool | None = None
+    """``--requeue`` (True) / ``--no-requeue`` (False); None = the cluster's JobRequeue default.
+    Checkpointable steps need requeue allowed."""
+    lost_job_retries: int = 1
+    """How often a step whose job was lost to the cluster (NODE_FAIL, PREEMPTED, BOOT_FAIL and
+    not requeued by Slurm) is resubmitted (``dagster.RetryRequested``); a step that raised is not."""
 
 
 class K8sSettings(_Frozen):
@@ -337,14 +377,72 @@ class K8sSettings(_Frozen):
     """In a dry run, still execute the pod's command locally so the materialization completes."""
 
 
+DATA_PARALLEL_STEPS = ("post_pretrain", "teacher", "student")
+"""Training steps: several GPUs = several ranks (one per GPU, DDP through the Trainer)."""
+ONE_PROCESS_STEPS = ("teacher_oof", "predict", "tta", "calibration", "average", "merge", "quantize")
+"""Steps that run as one process: the inference ones use every GPU of the job themselves
+(``InferSettings.gpus``: one spawned shard process per GPU), the others need at most one."""
+
+
+def _resolve_ranks(step: str, needs: Any) -> Any:
+    """One ``compute.needs`` entry with ``tasks_per_node`` checked against ``gpus`` (see
+    :meth:`ComputeSettings._ranks_follow_gpus`); anything malformed is left to pydantic."""
+    if isinstance(needs, StepNeeds):
+        given, gpus, tasks = "tasks_per_node" in needs.model_fields_set, needs.gpus, needs.tasks_per_node
+    elif isinstance(needs, dict):
+        given, gpus, tasks = "tasks_per_node" in needs, needs.get("gpus", 0), needs.get("tasks_per_node", 1)
+    else:
+        return needs
+    if not isinstance(gpus, int) or not isinstance(tasks, int):
+        return needs
+    where = f"compute.needs.{step}"
+    if step in DATA_PARALLEL_STEPS:
+        if not given and gpus > 1:
+            return needs.model_copy(update={"tasks_per_node": gpus}) if isinstance(needs, StepNeeds) else {**needs, "tasks_per_node": gpus}
+        if given and gpus > 0 and tasks != gpus:
+            raise ValueError(
+                f"{where}: tasks_per_node={tasks} but gpus={gpus}: data-parallel training runs one rank per "
+                f"GPU (a process never trains on several GPUs); set tasks_per_node: {gpus} or leave it out "
+                "(it follows gpus)"
+            )
+    elif step in ONE_PROCESS_STEPS and given and tasks > 1:
+        raise ValueError(
+            f"{where}: tasks_per_node={tasks} but {step} runs as one process"
+            + (" that uses every GPU of the job (infer.gpus)" if step in ("teacher_oof", "predict", "tta") else "")
+            + "; leave tasks_per_node out (1)"
+        )
+    return needs
+
+
 class ComputeSettings(_Frozen):
     backend: Literal["local", "slurm", "k8s"] = "local"
     local_mode: Literal["inprocess", "subprocess"] = "inprocess"
     needs: dict[str, StepNeeds] = {}
     """Per-step overrides keyed by step name (post_pretrain, teacher, teacher_oof, student,
-    calibration, predict, average, quantize, tta)."""
+    calibration, predict, average, merge, quantize, tta). On the training steps
+    (``DATA_PARALLEL_STEPS``) ``tasks_per_node`` follows ``gpus`` when left out; see
+    :meth:`_ranks_follow_gpus`."""
     slurm: SlurmSettings = SlurmSettings()
     k8s: K8sSettings = K8sSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ranks_follow_gpus(cls, data: Any) -> Any:
+        """Training steps get one rank per GPU; a mismatch is refused, not run.
+
+        Why: a training step asking for 8 GPUs with one task ran ONE process, which the Trainer
+        turned into ``nn.DataParallel`` (8x the per-device batch, the 4-bit base pinned to GPU 0)
+        and which now trains on one GPU while seven idle. So on ``post_pretrain``/``teacher``/
+        ``student`` an unset ``tasks_per_node`` becomes ``gpus``, and an explicit different value
+        (with ``gpus`` > 0; CPU ranks with ``gpus: 0`` stay free) is an error. Inference and
+        single-process steps keep one task: ``tasks_per_node`` > 1 there is an error."""
+        if isinstance(data, dict) and isinstance(data.get("needs"), dict):
+            data = {**data, "needs": {k: _resolve_ranks(str(k), v) for k, v in data["needs"].items()}}
+        return data
+    max_parallel_jobs: int = 8
+    """Slurm/k8s: how many GPU steps Dagster runs at once (the limit of the ``slurm``/``k8s``
+    concurrency pool, applied by ``arena-assets pools --apply``); the cluster queues the rest.
+    Local runs use one GPU step per visible GPU instead (assets/pools.py)."""
 
     def needs_for(self, step: str) -> StepNeeds:
         return self.needs.get(step, StepNeeds())
@@ -430,29 +528,18 @@ class Settings(_Frozen):
 
     # ---------------------------------------------------------------- per-step views
     def for_step(self, step: str, family: str | None = None) -> dict[str, Any]:
-        """The settings one step uses, and nothing else: their hash is the asset's code version."""
-        fam = family or self.student_family
-        views: dict[str, dict[str, Any]] = {
-            "folds": {"folds": self.folds},
-            "post_pretrain": {"model": self.families[fam], "post_pretrain": self.post_pretrain, "fmt": self.fmt},
-            "teacher": {"model": self.families[fam], "teacher": self.teacher, "fmt": self.fmt},
-            "teacher_oof": {"fmt": self.fmt, "infer_batch": self.infer.batch_size},
-            "student": {"model": self.families[self.student_family], "student": self.student, "fmt": self.fmt},
-            "baseline": {"model": self.families[self.student_family], "student": self.baseline, "fmt": self.fmt},
-            "calibration": {"calibration": self.calibration},
-            "predict": {"fmt": self.fmt, "infer": self.infer},
-            "average": {"average": self.average, "calibration": self.calibration},
-            "quantize": {"quant": self.quant},
-            "tta": {"fmt": self.fmt, "infer": self.infer},
-            "ensemble": {"ensemble": self.ensemble},
-        }
-        if step not in views:
-            raise KeyError(f"unknown step {step!r}; known: {sorted(views)}")
-        return views[step]
+        """What one step's code version is made of: its own code version and the settings its
+        step function receives, less speed-only fields (``core/versions.step_view``; derived
+        from the function's typed signature, never listed by hand). ``settings_hash`` of it is the
+        asset's Dagster code version. ``family`` defaults to the student's."""
+        from arena_assets.core.versions import step_view
+
+        return step_view(self, step, family)
 
 
 def settings_hash(obj: Any) -> str:
-    """A short stable hash of settings (pydantic models, dicts of them, plain values)."""
+    """A short stable hash of settings (pydantic models, dicts of them, plain values). Step code
+    versions are part of :meth:`Settings.for_step`'s view, not of this hash."""
 
     def plain(o: Any) -> Any:
         if isinstance(o, BaseModel):
@@ -463,7 +550,7 @@ def settings_hash(obj: Any) -> str:
             return [plain(v) for v in o]
         return o
 
-    blob = json.dumps({"v": STEP_VERSION, "s": plain(obj)}, sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(plain(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -481,13 +568,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: dict[st
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"settings file {p} does not exist")
-        text = p.read_text(encoding="utf-8")
-        if p.suffix == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(text)
-        else:
-            raw = yaml.safe_load(text) or {}
+        raw = _read_settings_file(p)
         if not isinstance(raw, dict):
             raise ValueError(f"{p}: the settings file must be a mapping at the top level")
         base = p.resolve().parent
@@ -501,6 +582,39 @@ def load_settings(path: str | os.PathLike[str] | None = None, overrides: dict[st
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
         raise ValueError(f"{path or 'settings'}: {loc}: {first['msg']}") from e
+
+
+def _read_settings_file(p: Path) -> Any:
+    """Parse a settings file; every failure is a one-line ValueError naming the file (and line).
+
+    Only plain YAML is read (``yaml.safe_load``): a ``!!python/...`` tag is refused, never run.
+    """
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"settings file {p}: not valid UTF-8 at byte {e.start}") from None
+    except OSError as e:  # a directory, no permission
+        raise ValueError(f"settings file {p}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if p.suffix == ".toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"settings file {p}: not valid TOML ({str(e).splitlines()[0][:200]})") from None
+        except RecursionError:
+            raise ValueError(f"settings file {p}: not valid TOML (nested too deeply)") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        hint = ("; only plain YAML is read, python tags are never run"
+                if isinstance(e, yaml.constructor.ConstructorError) else "")
+        raise ValueError(f"settings file {p}{where}: not valid YAML: {str(problem)[:200]}{hint}") from None
+    except RecursionError:
+        raise ValueError(f"settings file {p}: not valid YAML (nested too deeply)") from None
 
 
 def _overlay(default: BaseModel, raw: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from arena_assets.core.artifacts import atomic_write_json
 from arena_assets.core.results import StepResult, step_output
+from arena_assets.core.settings import CalibrationSettings
 from arena_assets.gpu.data import read_table
 from arena_assets.gpu.formatting import labels_of
 
@@ -53,7 +54,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100)
     return t, before, after
 
 
-def calibrate(valid_predictions: Any, valid_table: Any, cfg: Any, *, out_dir: Any) -> StepResult:
+def calibrate(valid_predictions: Any, valid_table: Any, cfg: CalibrationSettings, *, out_dir: Any) -> StepResult:
     """Fit T on a fold's validation logits -> ``calibration.json`` {temperature, nll_before, nll_after}."""
     pred = read_table(valid_predictions).copy()
     valid = read_table(valid_table).copy()

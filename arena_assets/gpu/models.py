@@ -20,13 +20,14 @@ checkpoint, plus its tokenizer), a peft adapter dir (``adapter_config.json``), a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import subprocess
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ SPEC_FILE = "arena_spec.json"
 """The ``ModelSpec`` a model dir was made from (dtype, attention, QLoRA): how to load it again."""
 NUM_LABELS = 3
 ID2LABEL = {0: "winner_model_a", 1: "winner_model_b", 2: "winner_tie"}
+HEAD_INIT_SEED = 1234
+"""Seed of weights a checkpoint lacks when the caller names none (``LoraSettings.init_seed``'s default)."""
 
 
 # ------------------------------------------------------------------------------ threads/seeds
@@ -83,10 +86,60 @@ def setup_torch(seed: int | None = None) -> None:
         set_seed(seed)
 
 
-def device() -> Any:
+def local_rank() -> int:
+    """This process's rank on its node (``LOCAL_RANK``, exported by torchrun or by the Slurm
+    backend's ``DistributedStep``); 0 when not distributed."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def cuda_index(rank: int, n_devices: int) -> int:
+    """The GPU index a rank uses among the ``n_devices`` it sees: ``rank % n_devices``.
+
+    Why this rule: it is the one accelerate applies to the Trainer's device
+    (``PartialState.set_device``), so weights placed by ``from_pretrained(device_map=...)`` sit on
+    the GPU the Trainer's DDP expects. The modulo covers a Slurm task that sees only its own GPU
+    (``DistributedStep`` sets ``CUDA_VISIBLE_DEVICES`` to the local rank's GPU): index 0."""
+    if n_devices < 1:
+        raise ValueError("no CUDA device to choose from")
+    return rank % n_devices
+
+
+def placement(n_cuda: int, rank: int) -> str:
+    """Where this process's model lives: ``cuda:<cuda_index>`` when it sees GPUs, else ``cpu``.
+
+    One GPU per process: several GPUs are used by several ranks (training) or several shard
+    processes (TTA), never by one process (no ``nn.DataParallel``)."""
+    return f"cuda:{cuda_index(rank, n_cuda)}" if n_cuda > 0 else "cpu"
+
+
+def placement_kwargs(quantized: bool, n_cuda: int, rank: int) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that put a quantized (GPTQ or bitsandbytes) model on this
+    process's device; {} for a plain model (moved with ``.to(device())`` after loading).
+
+    Why: a quantized model cannot be moved with ``.to`` (bitsandbytes) or stays where its
+    kernels were set up (GPTQ), so it must be loaded where it will run. Without a device map the
+    GPTQ model loaded on the CPU (TTA on the CPU of a GPU node), and every data-parallel rank's
+    4-bit base landed on GPU 0."""
+    return {"device_map": {"": cuda_index(rank, n_cuda) if n_cuda > 0 else "cpu"}} if quantized else {}
+
+
+def cuda_count() -> int:
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device() -> Any:
+    """This process's device (:func:`placement` of the visible GPUs and ``LOCAL_RANK``)."""
+    import torch
+
+    return torch.device(placement(cuda_count(), local_rank()))
+
+
+def model_devices(model: Any) -> list[str]:
+    """The devices holding ``model``'s parameters (``["cuda:0"]``, ``["cpu"]``): what a step
+    records in ``result.json`` (``info["devices"]``) so a CPU fallback cannot pass unnoticed."""
+    return sorted({str(p.device) for p in model.parameters()})
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -266,8 +319,12 @@ def load_pretrained(
     spec: Any = None,
     tokenizer_path: str | Path | None = None,
     record: dict[str, Any] | None = None,
+    init_seed: int = HEAD_INIT_SEED,
 ) -> tuple[Any, Any]:
-    """A 3-label sequence classifier from a full checkpoint dir (base, merged or quantized)."""
+    """A 3-label sequence classifier from a full checkpoint dir (base, merged or quantized).
+
+    A quantized model is loaded onto this process's device (:func:`placement_kwargs`); weights
+    the checkpoint lacks are initialised under ``init_seed`` (:func:`_seeded`)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = Path(path)
@@ -282,8 +339,11 @@ def load_pretrained(
     q = _bnb_config(spec)
     if q is not None:
         kwargs["quantization_config"] = q
-        kwargs["device_map"] = {"": 0} if _cuda() else {"": "cpu"}
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+    # bitsandbytes now, or a GPTQ/bnb checkpoint (its config.json holds a quantization_config)
+    quantized = q is not None or getattr(config, "quantization_config", None) is not None
+    kwargs.update(placement_kwargs(quantized, cuda_count(), local_rank()))
+    with _seeded(init_seed):  # weights the checkpoint lacks (a real base's new `score` head)
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
     if model.config.num_labels != NUM_LABELS:
         raise ValueError(f"{path} has num_labels={model.config.num_labels}, expected {NUM_LABELS}")
     tok = _load_tokenizer(tokenizer_path or path)
@@ -298,17 +358,29 @@ def load_pretrained(
     return model, tok
 
 
-def _cuda() -> bool:
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run the block under ``torch.manual_seed(seed)`` and restore every RNG afterwards.
+
+    Why: loading a real checkpoint (no post-pretraining) as a 3-label classifier creates the
+    ``score`` head at random from whatever state the global RNG happened to be in, so the folds'
+    heads differed and plain averaging of the fold models mixed unrelated heads. Seeded, every
+    fold starts from the same head; restoring the RNG leaves everything after the load as it was."""
     import torch
 
-    return torch.cuda.is_available()
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # only this process's GPU: forking every visible GPU's RNG would open a context on each
+    with torch.random.fork_rng(devices=[cuda_index(local_rank(), n)] if n else []):
+        torch.manual_seed(seed)
+        yield
 
 
-def load_classifier(path: str | os.PathLike[str], spec: Any = None) -> tuple[Any, Any]:
+def load_classifier(path: str | os.PathLike[str], spec: Any = None, init_seed: int = HEAD_INIT_SEED) -> tuple[Any, Any]:
     """Load a base, pointer, adapter, merged or quantized directory for training or inference.
 
     Returns ``(model, tokenizer)``; ``tokenizer.arena_format`` is the saved :class:`TextFormat`
     and ``model.arena_record`` says what was loaded (path, config hash, commit, attention).
+    ``init_seed`` seeds weights the checkpoint lacks (training passes ``LoraSettings.init_seed``).
     """
     p = Path(path)
     if not p.is_dir():
@@ -319,7 +391,7 @@ def load_classifier(path: str | os.PathLike[str], spec: Any = None) -> tuple[Any
         from peft import PeftModel
 
         base_path = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base, _ = load_classifier(base_path, spec)
+        base, _ = load_classifier(base_path, spec, init_seed)
         model = PeftModel.from_pretrained(base, str(p))
         tok = _load_tokenizer(p)
         _ensure_pad(base, tok)
@@ -328,8 +400,8 @@ def load_classifier(path: str | os.PathLike[str], spec: Any = None) -> tuple[Any
         return model, tok
     if (p / BASE_POINTER).exists():
         ptr = json.loads((p / BASE_POINTER).read_text())
-        return load_pretrained(ptr["path"], spec, tokenizer_path=p, record={"pointer": str(p)})
-    return load_pretrained(p, spec)
+        return load_pretrained(ptr["path"], spec, tokenizer_path=p, record={"pointer": str(p)}, init_seed=init_seed)
+    return load_pretrained(p, spec, init_seed=init_seed)
 
 
 def read_spec(directory: str | os.PathLike[str]) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 from arena_assets.core.artifacts import atomic_path
 from arena_assets.core.metrics import softmax
 from arena_assets.core.results import StepResult, step_output
+from arena_assets.core.settings import FormatSettings, InferSettings
 from arena_assets.gpu.data import PadCollator, read_table
 from arena_assets.gpu.formatting import encode_rows, labels_of, swap_probs
 
@@ -91,25 +92,29 @@ def _use_fast(model: Any) -> bool:
     return True
 
 
-def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: str = "tta") -> np.ndarray:
-    """Logits in the original orientation; with ``infer.tta`` the mean of original and swapped-back."""
+def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: str = "tta",
+               max_length: int | None = None) -> np.ndarray:
+    """Logits in the original orientation; with ``infer.tta`` the mean of original and swapped-back.
+
+    ``max_length``: rows cut to this many tokens instead of ``infer.max_length`` (teacher OOF)."""
+    length = int(max_length) if max_length is not None else infer.max_length
     if _use_fast(model):
         from arena_assets.gpu.packing import tta_logits_packed, uses_flex
 
         if uses_flex(model):  # packed slabs: no pad tokens, block-sparse flex attention
-            slab = max(int(infer.slab_tokens), infer.max_length)
+            slab = max(int(infer.slab_tokens), length)
             if infer.compile:
                 from arena_assets.gpu.fast import compile_layers
 
                 compile_layers(model, dynamic=False)  # idempotent; one shape: the slab
             return tta_logits_packed(
-                model, tokenizer, df, infer.max_length, fmt.prompt_max_tokens, tta=bool(infer.tta), slab_tokens=slab
+                model, tokenizer, df, length, fmt.prompt_max_tokens, tta=bool(infer.tta), slab_tokens=slab
             )
         from arena_assets.gpu.fast import tta_logits_fast
 
-        return tta_logits_fast(model, tokenizer, df, infer.max_length, fmt.prompt_max_tokens, tta=bool(infer.tta))
+        return tta_logits_fast(model, tokenizer, df, length, fmt.prompt_max_tokens, tta=bool(infer.tta))
     kw = dict(
-        max_length=infer.max_length,
+        max_length=length,
         prompt_max_tokens=fmt.prompt_max_tokens,
         batch_size=infer.batch_size,
         sort_by_length=infer.sort_by_length,
@@ -166,14 +171,27 @@ def read_temperature(calibration_json: str | os.PathLike[str] | None) -> float:
 
 
 def _load(model_dir: Any) -> tuple[Any, Any]:
-    from arena_assets.gpu.models import device, load_classifier, setup_torch
+    """The model on this process's device (``models.device()``: its GPU, else the CPU).
+
+    bitsandbytes/GPTQ models are placed by ``from_pretrained`` (``models.placement_kwargs``: a
+    device map to the same device; without it a GPTQ model ran TTA on the CPU of a GPU node);
+    the rest are moved there. The steps record where it ended up in ``info["devices"]``."""
+    from arena_assets.gpu.models import device, load_classifier, model_devices, setup_torch
 
     setup_torch(0)
     model, tok = load_classifier(model_dir)
-    # bitsandbytes/GPTQ models are placed by from_pretrained (device_map); the rest go to the GPU if any
     if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_8bit", False):
         model.to(device())
+    devices = model_devices(model)
+    if "cpu" in devices and device().type == "cuda":
+        log.warning("%s: parts of the model stay on the CPU (%s) although a GPU is available", model_dir, devices)
     return model, tok
+
+
+def _devices(model: Any) -> list[str]:
+    from arena_assets.gpu.models import model_devices
+
+    return model_devices(model)
 
 
 def apply_fp8(model: Any, infer: Any, force: bool = False) -> dict[str, Any]:
@@ -218,7 +236,9 @@ def _shard_worker(device: str, model_dir: str, fmt: Any, infer: Any, table: str,
     fp8 = apply_fp8(model, infer)
     df = read_table(table).iloc[rows].reset_index(drop=True)
     z = tta_logits(model, tok, df, fmt, infer, desc=f"{desc} [gpu {device or 'none'}]")
-    return z, {**getattr(model, "arena_record", {}), **fp8}
+    # this process sees one GPU as cuda:0: record the job's GPU index instead
+    devices = [f"cuda:{device}" if d.startswith("cuda") and device else d for d in _devices(model)]
+    return z, {**getattr(model, "arena_record", {}), **fp8, "devices": devices}
 
 
 def sharded_tta_logits(model_dir: Any, table: Any, fmt: Any, infer: Any, devices: list[str], desc: str = "tta") -> tuple[np.ndarray, dict[str, Any]]:
@@ -245,6 +265,7 @@ def sharded_tta_logits(model_dir: Any, table: Any, fmt: Any, infer: Any, devices
     for rows, (zs, _) in zip(shards, results):
         z[rows] = zs
     record = {**results[0][1], "tta_devices": [d or "cpu" for d in devices]}
+    record["devices"] = sorted({d for _, rec in results for d in rec.get("devices", [])})
     return z, record
 
 
@@ -265,6 +286,7 @@ def _tta_runner(model_dir: Any, fmt: Any, infer: Any) -> tuple[Any, dict[str, An
     model, tok = _load(model_dir)
     record.update(getattr(model, "arena_record", {}))
     record.update(apply_fp8(model, infer))
+    record["devices"] = _devices(model)
 
     def run_here(table: Any, desc: str) -> np.ndarray:
         return tta_logits(model, tok, read_table(table), fmt, infer, desc=desc)
@@ -273,12 +295,29 @@ def _tta_runner(model_dir: Any, fmt: Any, infer: Any) -> tuple[Any, dict[str, An
 
 
 # --------------------------------------------------------------------------- steps
-def teacher_oof(model_dir: Any, fmt: Any, infer: Any, valid_table: Any, fold: int, family: str, *, out_dir: Any) -> StepResult:
-    """Step 4: a teacher's probabilities for its held-out fold -> ``oof.parquet`` (+ fold, family)."""
+def teacher_oof(
+    model_dir: Any,
+    fmt: FormatSettings,
+    infer: InferSettings,
+    valid_table: Any,
+    fold: int,
+    family: str,
+    *,
+    out_dir: Any,
+    max_length: int | None = None,
+) -> StepResult:
+    """Step 4: a teacher's probabilities for its held-out fold -> ``oof.parquet`` (+ fold, family).
+
+    ``max_length``: the token length rows are cut to, the teacher's own (``TeacherSettings.oof_length``:
+    its training length unless ``oof_max_length`` says otherwise). Why not ``infer.max_length``:
+    that is the student's TTA length (2000 in the 1st place), longer than the 1024 tokens the
+    teachers were trained on; the OOF the student distils from should be what the teacher does
+    at its own length. None keeps ``infer.max_length`` (callers that pass nothing)."""
     valid = read_table(valid_table)
     model, tok = _load(model_dir)
+    length = int(max_length) if max_length is not None else infer.max_length
     with step_output(out_dir, "teacher_oof") as (tmp, res):
-        z = tta_logits(model, tok, valid, fmt, infer, desc=f"teacher {family} fold {fold}")
+        z = tta_logits(model, tok, valid, fmt, infer, desc=f"teacher {family} fold {fold}", max_length=length)
         pred = prediction_frame(valid["id"], z)
         pred["fold"] = int(fold)
         pred["family"] = str(family)
@@ -287,15 +326,16 @@ def teacher_oof(model_dir: Any, fmt: Any, infer: Any, valid_table: Any, fold: in
             s = scores(pred, valid)
             res.metrics.update(valid_logloss=s["logloss"], valid_accuracy=s["accuracy"])
         res.paths["oof"] = "oof.parquet"
-        res.info.update(model=getattr(model, "arena_record", {}), rows=len(pred), tta=bool(infer.tta))
+        res.info.update(model=getattr(model, "arena_record", {}), rows=len(pred), tta=bool(infer.tta),
+                        max_length=length, devices=_devices(model))
     return StepResult.read(out_dir)
 
 
 def fold_submission(
     model_dir: Any,
     calibration_json: Any,
-    fmt: Any,
-    infer: Any,
+    fmt: FormatSettings,
+    infer: InferSettings,
     valid_table: Any,
     test_table: Any,
     *,
@@ -319,15 +359,16 @@ def fold_submission(
             cv_logloss_raw=raw["logloss"], cv_logloss=cal["logloss"], cv_accuracy=cal["accuracy"], temperature=t
         )
         res.paths.update(submission="submission.csv", oof="oof.parquet", predictions="predictions.parquet")
-        res.info.update(model=record, tta=bool(infer.tta), test_rows=len(test), gpus=n_gpus)
+        devices = record.pop("devices", [])
+        res.info.update(model=record, tta=bool(infer.tta), test_rows=len(test), gpus=n_gpus, devices=devices)
     return StepResult.read(out_dir)
 
 
 def tta_submission(
     model_dir: Any,
     calibration_json: Any,
-    fmt: Any,
-    infer: Any,
+    fmt: FormatSettings,
+    infer: InferSettings,
     test_table: Any,
     *,
     out_dir: Any,
@@ -352,5 +393,6 @@ def tta_submission(
             s = scores(prediction_frame(valid["id"], run(valid_table, "tta valid"), t), valid)
             res.metrics.update(valid_logloss=s["logloss"], valid_accuracy=s["accuracy"])
         res.paths.update(submission="submission.csv", predictions="predictions.parquet")
-        res.info.update(model=record, tta=bool(infer.tta), rows=len(pred), gpus=n_gpus)
+        devices = record.pop("devices", [])
+        res.info.update(model=record, tta=bool(infer.tta), rows=len(pred), gpus=n_gpus, devices=devices)
     return StepResult.read(out_dir)

@@ -26,6 +26,7 @@ from typing import Any
 
 from arena_assets.core.artifacts import atomic_write_json
 from arena_assets.core.results import StepResult, step_output
+from arena_assets.core.settings import FormatSettings, ModelSpec, PostPretrainSettings
 from arena_assets.gpu.data import encode_table, read_table
 from arena_assets.gpu.formatting import corpus_texts, format_for_spec, save_format
 from arena_assets.gpu.models import (
@@ -55,8 +56,24 @@ def _external_split(external: Any, cfg: Any) -> tuple[Any, Any]:
     return shuffled.iloc[n_valid:].reset_index(drop=True), shuffled.iloc[:n_valid].reset_index(drop=True)
 
 
-def _train_on_external(init_dir: Path, cfg: Any, fmt: Any, external: Any, res: Any, tmp: Path) -> Any:
-    """Train the base in ``init_dir`` on external pairs; returns (model, tok) merged if LoRA."""
+def _fingerprint(spec: Any, cfg: Any, fmt: Any) -> dict[str, Any]:
+    """What a post-pretraining checkpoint belongs to (``train.fit`` adds the token data's hash).
+
+    Not the init dir's path: it is a fresh staging folder on every run; what it holds follows
+    from ``spec`` (and, for a tiny family, the corpus, which the data hash covers through the
+    tokenizer's ids)."""
+    from arena_assets.gpu.train import result_settings
+
+    return {"step": "post_pretrain", **result_settings(spec=spec, settings=cfg, fmt=fmt)}
+
+
+def _train_on_external(
+    init_dir: Path, spec: Any, cfg: Any, fmt: Any, external: Any, res: Any, tmp: Path, checkpoint_dir: Any = None
+) -> Any:
+    """Train the base in ``init_dir`` on external pairs; returns (model, tok) merged if LoRA.
+
+    ``checkpoint_dir``: Trainer checkpoints every ``cfg.train.save_steps`` steps, resumed from
+    on a re-run (a Slurm time limit or requeue no longer restarts a long epoch from zero)."""
     from arena_assets.gpu.predict import predict_logits, prediction_frame, scores
     from arena_assets.gpu.train import fit, prepare_model
 
@@ -66,10 +83,11 @@ def _train_on_external(init_dir: Path, cfg: Any, fmt: Any, external: Any, res: A
     ds = encode_table(train_rows, tok, tf, cfg.train.max_length, fmt.prompt_max_tokens)
     vds = encode_table(valid_rows, tok, tf, cfg.train.max_length, fmt.prompt_max_tokens) if len(valid_rows) else None
     kd = {"alpha": 0.0, "temperature": 1.0, "label_smoothing": cfg.train.label_smoothing}
-    trainer, tinfo = fit("post_pretrain", model, tok, cfg.train, ds, vds, kd, None, {})
+    trainer, tinfo = fit("post_pretrain", model, tok, cfg.train, ds, vds, kd, checkpoint_dir, _fingerprint(spec, cfg, fmt))
     atomic_write_json(tmp / "history.json", tinfo.pop("history"))
     res.paths["history"] = "history.json"
-    res.info.update(model=minfo, train=tinfo, external_rows=len(ds), external_valid_rows=len(valid_rows))
+    res.info.update(model=minfo, train=tinfo, external_rows=len(ds), external_valid_rows=len(valid_rows),
+                    devices=tinfo["devices"])
     model = trainer.model
     if len(valid_rows):
         s = scores(prediction_frame(valid_rows["id"], predict_logits(model, tok, valid_rows, cfg.train.max_length, fmt.prompt_max_tokens, 32)), valid_rows)
@@ -95,8 +113,15 @@ def _merge(model: Any, tok: Any, spec: Any, init_dir: Path, tmp: Path) -> Any:
     return merged
 
 
-def post_pretrain(spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any], *, out_dir: Any) -> StepResult | None:
+def post_pretrain(
+    spec: ModelSpec, cfg: PostPretrainSettings, fmt: FormatSettings, external: Any, corpus: list[Any], *,
+    out_dir: Any, checkpoint_dir: Any = None
+) -> StepResult | None:
     """Step 1 (see the module doc). ``corpus``: tables whose TEXT trains a tiny tokenizer.
+
+    ``checkpoint_dir`` (optional, keyed like ``train.checkpoint_dir_for``): the training on the
+    external pairs saves checkpoints there and a re-run resumes from the last complete one;
+    None trains without checkpoints.
 
     In data-parallel training (``RANK`` > 0: Slurm ``tasks_per_node`` > 1 or torchrun) a rank
     runs the same deterministic step into a scratch folder and returns None: rank 0 alone writes.
@@ -105,12 +130,14 @@ def post_pretrain(spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="arena-rank-") as scratch:
-            _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=Path(scratch) / "out")
+            _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=Path(scratch) / "out", checkpoint_dir=checkpoint_dir)
         return None
-    return _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=out_dir)
+    return _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=out_dir, checkpoint_dir=checkpoint_dir)
 
 
-def _post_pretrain(spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any], *, out_dir: Any) -> StepResult:
+def _post_pretrain(
+    spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any], *, out_dir: Any, checkpoint_dir: Any = None
+) -> StepResult:
     setup_torch(cfg.train.seed)
     tf = format_for_spec(spec)
     with step_output(out_dir, "post_pretrain") as (tmp, res):
@@ -148,7 +175,7 @@ def _post_pretrain(spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[An
             write_spec(spec, init)
             res.info["built"] = model_record(path)
         if cfg.enabled and external is not None:
-            model, tok = _train_on_external(init, cfg, fmt, external, res, tmp)
+            model, tok = _train_on_external(init, spec, cfg, fmt, external, res, tmp, checkpoint_dir)
             if cfg.lora.enabled:
                 model = _merge(model, tok, spec, init, tmp)
             merged_spec = spec.model_copy(update={"path": None}) if spec.is_tiny else spec

@@ -125,24 +125,29 @@ def _head_name(model: Any) -> str:
 
 
 def _load_fp(model_dir: Path) -> Any:
+    """The full-precision model on the step's device (``models.device()``: its GPU, else the
+    CPU): the probe's reference logits of a 9B model on a GPU node's CPU took minutes and
+    compared numbers from two different devices' kernels."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from arena_assets.gpu.models import device
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     kwargs: dict[str, Any] = {"dtype": "auto", "local_files_only": True}
     if str(config.model_type).startswith("gemma"):
         kwargs["attn_implementation"] = "eager"  # sdpa silently drops Gemma-2 softcapping
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs).eval()
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs).to(device()).eval()
 
 
 def _load_kwargs(model_dir: Path) -> dict[str, Any]:
-    import torch
+    """Quantizing ``from_pretrained`` kwargs: on this process's device
+    (``models.placement_kwargs``, the same rule as every other model load)."""
     from transformers import AutoConfig
 
+    from arena_assets.gpu.models import cuda_count, local_rank, placement_kwargs
+
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    kw: dict[str, Any] = {
-        "local_files_only": True,
-        "device_map": {"": 0} if torch.cuda.is_available() else {"": "cpu"},
-    }
+    kw: dict[str, Any] = {"local_files_only": True, **placement_kwargs(True, cuda_count(), local_rank())}
     if str(config.model_type).startswith("gemma"):
         kw["attn_implementation"] = "eager"
     return kw
@@ -201,6 +206,12 @@ def _probe_logits(model: Any, examples: Sequence[list[int]]) -> Any:
             x = torch.tensor([ids], device=dev)
             out.append(model(input_ids=x, attention_mask=torch.ones_like(x)).logits.float().cpu())
     return torch.cat(out)
+
+
+def _devices(model: Any) -> list[str]:
+    from arena_assets.gpu.models import model_devices
+
+    return model_devices(model)
 
 
 def _check_head(model: Any, head: str, original: Any) -> dict[str, Any]:
@@ -401,8 +412,11 @@ def quantize(
         head = _head_name(fp)
         original_head = getattr(fp, head).weight.detach().float().cpu().clone()
         fp_logits = _probe_logits(fp, probe)
+        fp_devices = _devices(fp)
         shape_problem = gptq_shape_problem(fp, head) if "gptq" in cfg.methods else None
         del fp
+        if torch.cuda.is_available():  # pragma: no cover - GPU only: room for the quantized copy
+            torch.cuda.empty_cache()
         load_fp_s = time.time() - t0
 
         attempts: list[dict[str, Any]] = []
@@ -423,6 +437,7 @@ def quantize(
                 info.update(_check_head(model, head, original_head))
                 info.update(_count_quantized(model))
                 q_logits = _probe_logits(model, probe)
+                info["devices"] = {"fp_probe": fp_devices, "quantized_probe": _devices(model)}
                 diff = (q_logits - fp_logits).abs()
                 pdiff = (q_logits.softmax(-1) - fp_logits.softmax(-1)).abs()
                 info.update(
@@ -512,6 +527,7 @@ def quantize(
         result.info.update(
             {
                 "method": chosen,
+                "devices": sorted(set(record["devices"]["fp_probe"]) | set(record["devices"]["quantized_probe"])),
                 "fallback_reason": fallback_reason,
                 "attempts": attempts,
                 "python": sys.executable,

@@ -36,6 +36,7 @@ import numpy as np
 
 from arena_assets.core.artifacts import atomic_write_json
 from arena_assets.core.results import StepResult, step_output
+from arena_assets.core.settings import FormatSettings, StudentSettings, TeacherSettings
 from arena_assets.gpu.data import (
     PadCollator,
     PairDataset,
@@ -48,6 +49,26 @@ from arena_assets.gpu.formatting import LABEL_COLUMNS
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "arena_fingerprint.json"
+
+
+def result_settings(**objs: Any) -> dict[str, Any]:
+    """The settings a checkpoint belongs to: the fields that change results (core/versions.py),
+    not the speed-only ones, so halving the per-device batch against an out-of-memory error (same
+    global batch) or changing a logging interval still resumes the checkpoint."""
+    import os
+
+    from arena_assets.core.versions import ViewContext, flatten
+
+    from arena_assets.core import settings as S
+
+    def plain(obj: Any) -> Any:
+        # a fresh copy of the declared settings class, made from a dump: fingerprinting looks at
+        # every field without using it (tests/gpu/test_versions_oracle.py records field reads)
+        cls = next(c for c in type(obj).__mro__ if getattr(S, c.__name__, None) is c)
+        return cls.model_validate(obj.model_dump())
+
+    ctx = ViewContext(ranks=max(1, int(os.environ.get("WORLD_SIZE", "1") or 1)))
+    return {name: flatten(plain(obj), name, ctx) for name, obj in objs.items()}
 TABLE_COLUMNS = ["id", "prompt", "response_a", "response_b", *LABEL_COLUMNS]
 
 
@@ -64,11 +85,23 @@ def _make_trainer_cls() -> Any:
 
     class ArenaTrainer(Trainer):
         """Trainer whose loss is :func:`kd_loss` (CE when no teacher); eval loss is plain CE,
-        i.e. the validation log-loss."""
+        i.e. the validation log-loss.
+
+        Gradient accumulation: :func:`kd_loss` is a per-row MEAN of one micro-batch and never
+        sees ``num_items_in_batch``, so the Trainer must divide it by ``grad_accum`` itself. It
+        skips that division when it thinks the model normalised the loss over the whole
+        accumulated batch, which it infers from the model's forward accepting ``**kwargs``
+        (Gemma-2's classifier does): grad_accum 4 then trained and logged a 4x loss and 4x
+        gradients. Both switches below say "not scaled": ``loss_is_scaled_for_ga`` (the
+        documented hook of recent transformers) and ``model_accepts_loss_kwargs`` (what older
+        5.x releases read)."""
+
+        loss_is_scaled_for_ga = False
 
         def __init__(self, *args: Any, kd: dict[str, float], **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.kd = kd
+            self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
             labels = inputs.pop("labels")
@@ -96,7 +129,7 @@ def _training_args(cfg: Any, output_dir: str, save: bool, has_eval: bool) -> Any
 
     cuda = torch.cuda.is_available()
     eval_strategy = "steps" if (has_eval and cfg.eval_steps > 0) else "no"
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=max(cfg.per_device_batch_size, 16),
@@ -128,6 +161,27 @@ def _training_args(cfg: Any, output_dir: str, save: bool, has_eval: bool) -> Any
         report_to="none",
         disable_tqdm=False,
     )
+    return one_gpu_per_process(args)
+
+
+def one_gpu_per_process(args: Any) -> Any:
+    """Never ``nn.DataParallel``: a process that sees several GPUs trains on one of them.
+
+    Why: outside torch.distributed the Trainer sets ``n_gpu`` to every visible GPU, wraps the
+    model in ``nn.DataParallel`` and multiplies the per-device batch by ``n_gpu`` — a different
+    global batch than the settings say, a 4/8-bit base (pinned to one GPU) that cannot be
+    replicated, and a slow single-process scatter/gather. Data parallelism here is one rank per
+    GPU (``StepNeeds.tasks_per_node`` = ``gpus``, DDP); a lone process uses its own GPU only.
+    ``_n_gpu = 1`` is what the Trainer itself sets for model-parallel models. Under DDP
+    ``n_gpu`` is already 1."""
+    n = args.n_gpu  # resolves the device (and the process group, under DDP)
+    if n > 1:
+        log.warning(
+            "one process sees %d GPUs: training on %s only (no nn.DataParallel); use one rank per GPU "
+            "(compute.needs.<step>.tasks_per_node = gpus) to train on all of them", n, args.device,
+        )
+        args._n_gpu = 1
+    return args
 
 
 def make_collator(cfg: Any, pad_id: int) -> Any:
@@ -199,7 +253,8 @@ def prepare_model(base_dir: str | os.PathLike[str], lora: Any, cfg: Any) -> tupl
 
     from arena_assets.gpu.models import device, load_classifier, param_count
 
-    model, tok = load_classifier(Path(base_dir).resolve())  # its arena_spec.json says how
+    # its arena_spec.json says how; a head the base lacks starts from lora.init_seed in every fold
+    model, tok = load_classifier(Path(base_dir).resolve(), init_seed=lora.init_seed)
     info: dict[str, Any] = {"base": getattr(model, "arena_record", {})}
     kbit = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
     if lora.enabled:
@@ -238,7 +293,7 @@ def fit(
     fingerprint: dict[str, Any],
 ) -> tuple[Any, dict[str, Any]]:
     """Run the Trainer (resuming from ``checkpoint_dir`` if it holds a complete checkpoint)."""
-    from arena_assets.gpu.models import setup_torch
+    from arena_assets.gpu.models import model_devices, setup_torch
 
     setup_torch(cfg.seed)
     scratch = None
@@ -275,6 +330,7 @@ def fit(
         out = trainer.train(resume_from_checkpoint=resume)
         info["train_loss"] = float(out.training_loss)
         info["global_step"] = int(trainer.state.global_step)
+        info["devices"] = model_devices(trainer.model)
         if valid_ds is not None:
             ev = trainer.evaluate()
             info["final_eval_loss"] = float(ev["eval_loss"])
@@ -309,8 +365,7 @@ def _fit_classifier(
     valid_ds = encode_table(valid, tok, tf, tcfg.max_length, fmt.prompt_max_tokens)
     fingerprint = {
         "step": step,
-        "settings": json.loads(cfg.model_dump_json()),
-        "fmt": json.loads(fmt.model_dump_json()),
+        **result_settings(cfg=cfg, fmt=fmt),
         "base": str(Path(base_dir).resolve()),
     }
     if data_parallel_rank() != 0:  # a data-parallel rank (Slurm tasks_per_node > 1, torchrun): train, write nothing
@@ -329,7 +384,8 @@ def _fit_classifier(
         atomic_write_json(tmp / "history.json", history)
         res.metrics.update(valid_logloss=s["logloss"], valid_accuracy=s["accuracy"], train_loss=tinfo["train_loss"])
         res.paths.update(model="model", valid_predictions="valid_predictions.parquet", history="history.json")
-        res.info.update(model=minfo, train=tinfo, train_rows=len(train_ds), valid_rows=len(valid_ds), **extra_info)
+        res.info.update(model=minfo, train=tinfo, train_rows=len(train_ds), valid_rows=len(valid_ds),
+                        devices=tinfo["devices"], **extra_info)
         log.info("%s: valid log-loss %.4f, accuracy %.3f", step, s["logloss"], s["accuracy"])
     return StepResult.read(out_dir)
 
@@ -341,8 +397,8 @@ def _rows(df: Any) -> Any:
 # ----------------------------------------------------------------------------------- steps
 def train_teacher(
     base_dir: Any,
-    cfg: Any,
-    fmt: Any,
+    cfg: TeacherSettings,
+    fmt: FormatSettings,
     train_table: Any,
     valid_table: Any,
     external: Any,
@@ -373,8 +429,8 @@ def train_teacher(
 
 def train_student(
     base_dir: Any,
-    cfg: Any,
-    fmt: Any,
+    cfg: StudentSettings,
+    fmt: FormatSettings,
     train_table: Any,
     valid_table: Any,
     teacher_oof: Any,

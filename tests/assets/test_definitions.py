@@ -105,7 +105,12 @@ def _code_versions(defs) -> dict[str, str | None]:  # type: ignore[no-untyped-de
         ({"student": {"kd": {"alpha": 0.9}}}, {"student_model"}),
         ({"teacher": {"lora": {"r": 8}}}, {"llama/teacher_model"}),
         ({"ensemble": {"mode": "folds_mean"}}, {"final_ensemble"}),
-        ({"calibration": {"max_iter": 7}}, {"student_calibration", "averaged_lora", "merged_model"}),
+        ({"calibration": {"max_iter": 7}}, {"student_calibration"}),  # averaging never reads it
+        ({"calibration": {"merged_temperature": "median"}}, {"merged_model"}),
+        ({"infer": {"batch_size": 3, "gpus": 2, "compile": False}}, set()),  # speed only
+        # the teacher OOF runs at the teacher's own length (teacher.oof_max_length), not this one
+        ({"infer": {"max_length": 64}}, {"student_fold_submission", "tta_submission"}),
+        ({"teacher": {"oof_max_length": 64}}, {"llama/teacher_oof_probs"}),
         ({"folds": {"seed": 1}}, {"fold_assignments", "fold_data"}),
     ],
 )
