@@ -43,7 +43,7 @@ from arena_assets.core import artifacts
 from arena_assets.core.results import StepResult
 from arena_assets.core.settings import Settings, settings_hash
 
-PROVENANCE_FILE = "provenance.json"
+PROVENANCE_FILE = artifacts.PROVENANCE_FILE
 CHECKS_PASSED = "arena/blocking_checks_passed"
 """Materialization metadata: did every blocking check of this version pass (readers skip it if not)."""
 CODE_VERSION_TAG = "dagster/code_version"
@@ -196,8 +196,10 @@ class Materialization:
         from arena_assets.gpu.train import checkpoint_dir_for
 
         data_version = settings_hash({k: Path(v).name for k, v in sorted(self.inputs.items())})
-        return checkpoint_dir_for(self.root / ".checkpoints", step, self.partition or "_",
+        ckpt = checkpoint_dir_for(self.root / ".checkpoints", step, self.partition or "_",
                                   self.code_version, data_version)
+        artifacts.ensure_inside(self.root, ckpt, "write training checkpoints into")  # no planted symlink
+        return ckpt
 
     def _blocking_checks(self) -> set[str]:
         ad = getattr(self.context, "assets_def", None) if self.context is not None else None

@@ -2,16 +2,24 @@
 
 Users of the original scripts expect ``data/processed_data/folds_5_seed42.json``,
 ``model_save/distilled_<student>_fold_<k>/``, ``sub/...``. Rather than writing files twice, every
-commit of a version re-points a symlink under ``<root>/seed_layout/`` (atomic replace), so the
-view always shows the current versions and never a half-written one.
+commit of a version re-points a symlink under ``<root>/seed_layout/`` (atomic replace, folder
+fsynced), so the view always shows the current versions and never a half-written one.
+
+The view is contained: a link whose folder (or whose target) resolves outside the artifact root --
+a symlink planted under ``seed_layout/`` -- is refused (core.artifacts.OutsideArtifactRoot, naming
+the path) and nothing is written there; the other links are still updated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
+
+from arena_assets.core import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +65,49 @@ def _targets(key: str, partition: str | None, version_dir: Path) -> list[tuple[s
     return [(rel, t) for rel, t in out if t.exists()]
 
 
+def _drop_stale_temp_links(link: Path) -> None:
+    """Temporary links of a commit killed between symlink and replace (``.<name>.<hex>``), once
+    older than ``artifacts.STRAY_LINK_MIN_AGE_S`` and the sweep's grace period (a live commit
+    replaces its own within microseconds)."""
+    cutoff = time.time() - max(artifacts.sweep_grace_s(), artifacts.STRAY_LINK_MIN_AGE_S)
+    prefix = f".{link.name}."
+    with contextlib.suppress(OSError):
+        for e in os.scandir(link.parent):
+            if e.name.startswith(prefix) and e.is_symlink() and e.stat(follow_symlinks=False).st_mtime <= cutoff:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+
+
 def update_seed_view(root: str | os.PathLike[str], key: str, partition: str | None, version_dir: Path) -> list[Path]:
-    """Point the seed-layout links of ``key``/``partition`` at ``version_dir``'s files."""
+    """Point the seed-layout links of ``key``/``partition`` at ``version_dir``'s files; raises
+    :class:`~arena_assets.core.artifacts.OutsideArtifactRoot` (after updating the contained ones)
+    for links that would be written outside the artifact root."""
     base = Path(root) / SEED_LAYOUT
     made: list[Path] = []
+    refused: list[artifacts.OutsideArtifactRoot] = []
     for rel, target in _targets(key, partition, Path(version_dir)):
         link = base / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            artifacts.ensure_inside(root, link.parent, "write the seed-layout link into")
+            real_target = artifacts.ensure_inside(root, target, f"point the seed-layout link {link} at")
+            artifacts.make_dirs(link.parent)
+            real_parent = artifacts.ensure_inside(root, link.parent, "write the seed-layout link into")
+        except artifacts.OutsideArtifactRoot as e:
+            refused.append(e)
+            continue
+        _drop_stale_temp_links(link)
         tmp = link.parent / f".{link.name}.{secrets.token_hex(4)}"
-        os.symlink(os.path.relpath(target, link.parent), tmp)
-        os.replace(tmp, link)
+        os.symlink(os.path.relpath(real_target, real_parent), tmp)
+        try:
+            os.replace(tmp, link)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        artifacts.fsync_dir(link.parent)
         made.append(link)
+    if refused:  # every refusal logged, the first raised
+        for e in refused:
+            log.error("seed layout: %s", e)
+        raise refused[0]
     return made

@@ -4,6 +4,12 @@ A step is a plain function ``step(settings, <input paths>, out_dir) -> StepResul
 outputs plus ``result.json`` into ``out_dir`` through :func:`step_output`, which stages the
 directory and renames it into place only on success. The orchestrator (a Dagster asset) reads
 ``result.json`` back, so the same file carries metrics/paths/timings/notes from any backend.
+
+Crash safety is :func:`~arena_assets.core.artifacts.staged_dir`'s: the step writes into a
+``.tmp-`` folder owned by its process (the Slurm job when it runs in one), fsynced and renamed
+only when complete; a killed step leaves only that folder, which a later materialization of the
+same asset partition sweeps once the owner is provably dead. The renamed version becomes what
+readers see only when the asset's commit writes ``provenance.json`` into it.
 """
 
 from __future__ import annotations
