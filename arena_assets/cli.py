@@ -4,7 +4,9 @@ in :data:`SUBCOMMANDS`).
 Why a registry: other parts add subcommands (``demo``) by adding one entry, ``name ->
 (add_arguments, run)``, without touching the parser logic. ``run(args) -> int`` returns the exit
 code. Every data-contract failure exits 2 with its one-line message on stderr; nothing heavy
-(torch, dagster) is imported until a subcommand needs it.
+(torch, dagster) is imported until a subcommand needs it. A bad settings file or output path
+also exits 2 with one line; ``validate`` never shows a traceback (an internal bug exits 1 with
+one line; ``ARENA_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
 EXIT_CONTRACT = 2
+
+
+def _one_line(msg: str, limit: int = 500) -> str:
+    """An error message as one short line (newlines escaped, clipped)."""
+    msg = msg.replace("\r", "\\r").replace("\n", "\\n")
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def _fmt_summary(label: str, s: dict[str, Any]) -> list[str]:
@@ -46,19 +54,31 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _validate_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import logging
+    import os
 
-    from arena_assets.core.contract import read_external, summarize, validate_files, write_table
+    from arena_assets.core.contract import ContractError, validate_files
 
-    ext = None
-    if args.external:
-        # read (and so validate) everything before writing anything
-        ext = read_external(args.external)
-    result = validate_files(args.train, args.test, out_dir=args.out)
-    if ext is not None:
-        result["external"] = summarize(ext)
-        if args.out:
-            result.setdefault("written", []).append(str(write_table(ext, Path(args.out) / "external.parquet")))
+    # the readers log their warnings (for Dagster's run logs); here they are printed once, below
+    contract_log = logging.getLogger("arena_assets.core.contract")
+    level = contract_log.level
+    contract_log.setLevel(logging.ERROR)
+    try:
+        # every file is read (and so validated) before anything is written, and all outputs are
+        # written together (contract.write_outputs)
+        result = validate_files(args.train, args.test, out_dir=args.out, external=args.external)
+    except (ContractError, ValueError, OSError):
+        raise
+    except Exception as e:  # a bug, not the input's fault: one line, exit 1, no traceback
+        if os.environ.get("ARENA_DEBUG"):
+            raise
+        print(f"error: internal error while validating ({type(e).__name__}: {_one_line(str(e), 200)}); "
+              "please report it (ARENA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        contract_log.setLevel(level)
+    for w in result.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0
@@ -70,6 +90,8 @@ def _validate_run(args: argparse.Namespace) -> int:
         lines += _fmt_summary(f"external {args.external}", result["external"])
     for w in result.get("written", []):
         lines.append(f"wrote {w}")
+    for w in result.get("removed", []):
+        lines.append(f"removed {w} (an earlier run's output; this run has no such file)")
     lines.append("OK: valid")
     print("\n".join(lines))
     return 0
@@ -85,10 +107,14 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_run(args: argparse.Namespace) -> int:
+    import os
+
     from arena_assets.core.sample import make_sample
 
     if args.rows < 0:
         raise ValueError("--rows must be >= 0")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: exists and is not a directory")
     test_rows = args.test_rows if args.test_rows is not None else max(args.rows // 4, 1)
     ext_rows = args.external_rows if args.external_rows is not None else 2 * args.rows
     r = make_sample(args.out, train_rows=args.rows, test_rows=test_rows, external_rows=ext_rows, seed=args.seed)
@@ -112,10 +138,40 @@ def _demo_run(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+# ------------------------------------------------------------------------------- pools
+def _pools_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", default=None, help="settings file (default: $ARENA_SETTINGS, else ./arena.yaml)")
+    p.add_argument("--apply", action="store_true",
+                   help="write the limit into the Dagster instance of $DAGSTER_HOME (else only print it)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def _pools_run(args: argparse.Namespace) -> int:
+    from arena_assets.assets import pools
+    from arena_assets.core.settings import load_settings
+
+    s = load_settings(args.settings)
+    if not args.apply:
+        print(json.dumps(pools.pool_limits(s)) if args.json else pools.format_limits(s))
+        return 0
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        changes = pools.apply_pool_limits(instance, s)
+    if args.json:
+        print(json.dumps(changes))
+    else:
+        for pool, c in changes.items():
+            print(f"pool {pool}: limit {c['after']} (was {c['before'] if c['before'] is not None else 'unset'})")
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "validate": ("check train/test (and external) files against the data contract", _validate_args, _validate_run),
     "make-sample": ("write the known-answer sample (train/test/external.csv, truth.json)", _sample_args, _sample_run),
     "demo": ("run the whole recipe on the bundled sample into a persistent DAGSTER_HOME", _demo_args, _demo_run),
+    "pools": ("print (or --apply to $DAGSTER_HOME) the concurrency pool limit of the current settings",
+              _pools_args, _pools_run),
 }
 """name -> (help, add_arguments, run). Add a subcommand by adding an entry."""
 
@@ -143,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     except ContractError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONTRACT
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # a bad argument, settings file or output path: one line too
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_CONTRACT
 
 

@@ -207,7 +207,7 @@ def test_bad_test_file_writes_no_train_table_either(tmp_path: Path) -> None:
 def test_not_utf8(tmp_path: Path) -> None:
     p = tmp_path / "train.csv"
     p.write_bytes(HEADER.encode() + b'1,"[""caf\xe9""]","[""a""]","[""b""]",1,0,0\n')
-    with pytest.raises(ContractError, match="train.csv: not valid UTF-8"):
+    with pytest.raises(ContractError, match="train.csv row 1: not valid UTF-8 at byte 82 of the file"):
         read_train(p)
 
 
