@@ -159,6 +159,11 @@ def run_demo(settings_path: str | None, home: Path, folds: list[str] | None = No
     with open(home / ".demo.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         instance = DagsterInstance.get()
+        # the backend's pool limit (one GPU step per visible GPU locally; compute.max_parallel_jobs
+        # on Slurm/k8s), so `dagster dev` on this home backfills folds in parallel where it can
+        from arena_assets.assets.pools import apply_pool_limits
+
+        apply_pool_limits(instance, settings)
         n_dead = _fail_dead_demo_runs(instance)
         if n_dead:
             echo(f"marked {n_dead} run(s) of an earlier, interrupted demo as failed")

@@ -167,6 +167,35 @@ class LocalBackend:
         return res
 
 
+def _warn_low_pool_limit(context: Any, s: Settings, backend: str) -> None:
+    """Slurm/k8s: warn when the step's concurrency pool allows fewer steps at once than
+    ``compute.max_parallel_jobs`` (a forgotten ``arena-assets pools --apply`` serializes every
+    backfill on a cluster that could run them all). A check, never a gate; silent without an
+    instance (direct invocation, tests)."""
+    if backend not in ("slurm", "k8s"):
+        return
+    try:
+        pool = getattr(context.op_def, "pool", None)
+        if not pool:
+            return
+        storage = context.instance.event_log_storage
+        if not storage.supports_global_concurrency_limits:
+            return
+        if pool in storage.get_concurrency_keys():
+            have = storage.get_concurrency_info(pool).slot_count
+        else:
+            have = context.instance.get_concurrency_config().pool_config.default_pool_limit
+    except Exception:  # noqa: BLE001 - no instance / op in this context
+        return
+    want = s.compute.max_parallel_jobs
+    if have is not None and have < want:
+        _logger(context).warning(
+            f"concurrency pool {pool!r} allows {have} step(s) at once in this Dagster instance; "
+            f"compute.max_parallel_jobs is {want}: a backfill runs serialized. Apply the limit with "
+            f"`arena-assets pools --apply` (or `dagster instance concurrency set {pool} {want}`)."
+        )
+
+
 class ComputeResource(ConfigurableResource):
     """Runs ``gpu/`` steps locally, on Slurm (submitit) or on Kubernetes.
 
@@ -219,6 +248,7 @@ class ComputeResource(ConfigurableResource):
             f"step {step} -> backend {backend.name} (needs gpus={needs.gpus} cpus={needs.cpus} "
             f"mem={needs.mem_gb}G time={needs.time_min}m){' python=' + python if python else ''}"
         )
+        _warn_low_pool_limit(context, s, backend.name)
         res = backend.run(context, step, fn, list(args), dict(kwargs), Path(out_dir), needs, python=python)
         res.info.setdefault("compute", {}).setdefault("backend", backend.name)
         return res

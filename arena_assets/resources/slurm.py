@@ -12,8 +12,13 @@ what an orchestrator needs on top of it:
 - the job id logged at submit, its log tail streamed into the Dagster log while it runs, our own
   ``sacct`` polling (submitit's watcher backs off to 10 minutes; a ``scancel`` must fail the
   step within seconds);
-- a clear ``dagster.Failure`` (remote traceback + Slurm state) on failure, ``scancel`` when the
-  Dagster run is interrupted (no orphan jobs);
+- a clear ``dagster.Failure`` (remote traceback + Slurm state) on failure; a job the cluster lost
+  (NODE_FAIL, PREEMPTED, BOOT_FAIL without a requeue) becomes ``dagster.RetryRequested``, and the
+  step's retry submits it anew;
+- stop vs cancel: ``scancel`` only when the Dagster run is being CANCELED (UI "Terminate", the
+  run launcher's ``terminate``: Dagster marks the run CANCELING before it signals the worker);
+  a run worker that is merely stopped (SIGTERM/Ctrl-C of a restarted ``dagster dev``, a killed
+  code server) leaves its job running for the re-executed run to re-attach to;
 - a small JSON record per (asset key, partition, step) so a retried run (new run id, same root
   run id) re-attaches to the job its dead predecessor left running, after checking that the job
   really is that one (job name with a random token, submit time, the asset partition of its
@@ -57,7 +62,12 @@ TERMINAL_STATES = {
 }
 REQUEUE_GRACE_S = {"PREEMPTED": 120.0, "NODE_FAIL": 120.0}
 """States after which a cluster may requeue the job by itself (PreemptMode=REQUEUE, a node
-failure with requeue on): wait this long for it to come back before calling it terminal."""
+failure with requeue on): wait this long for it to come back before calling it terminal (only
+for a job Slurm may requeue: ``scontrol show job`` says ``Requeue=1``)."""
+LOST_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}
+"""The cluster, not the step, ended the job: the step's retry resubmits it (RetryRequested)."""
+CANCELING_RUN_STATES = {"CANCELING", "CANCELED"}
+"""Dagster run statuses that mean a user (or the UI) asked for the run to be terminated."""
 #: Slurm states of a job that is still (or again) on its way.
 LIVE_STATES = {
     "PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
@@ -235,11 +245,16 @@ class SlurmBackend:
         return Path(self.slurm.folder).absolute() if self.slurm.folder else self.artifact_root / ".submitit"
 
     def run_folder(self, root_run_id: str) -> Path:
-        """The root run's submitit folder, created with mode 0700 (it holds pickles)."""
+        """The root run's submitit folder, created with mode 0700 (it holds pickles). Only a folder
+        created here is chmodded: a shared ``slurm.folder`` that exists (e.g. mode 1777) keeps its mode."""
         folder = self.base_folder() / root_run_id
         for d in (self.base_folder(), folder):
-            d.mkdir(parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
+            d.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
         return folder
 
     @staticmethod
@@ -282,6 +297,8 @@ class SlurmBackend:
             params["gres"] = self.slurm.gres
         elif needs.gpus:
             params["gpus_per_node"] = needs.gpus
+        if self.slurm.requeue is not None:
+            params["additional_parameters"] = {"requeue" if self.slurm.requeue else "no_requeue": True}
         ex.update_parameters(**params)
         return ex
 
@@ -353,13 +370,22 @@ class SlurmBackend:
         ]
         ctx.info(f"submitted Slurm job array {str(jobs[0].job_id).split('_')[0]} ({job_name}): {len(jobs)} tasks of {step}")
         tails = self._wait(ctx, [(j, r, None) for j, r in zip(jobs, records)])
+        import dagster as dg
+
         results: list[StepResult] = []
         errors: list[str] = []
+        lost: list[BaseException] = []
         for j, r, t, o in zip(jobs, records, tails, outs):
             try:
                 results.append(self._finish(ctx, step, j, r, None, o, needs, t))
+            except dg.RetryRequested as e:  # lost to the cluster: the retry resubmits the array
+                lost.append(e)
             except Exception as e:  # dagster.Failure: collect, report all at once
                 errors.append(getattr(e, "description", None) or str(e))
+        if lost and not errors:
+            raise lost[0]
+        if lost:
+            errors += [getattr(e.__cause__, "description", None) or str(e) for e in lost]
         if errors:
             raise _failure(
                 f"{len(errors)} of {len(jobs)} tasks of the {step} job array failed:\n\n" + "\n\n".join(errors),
@@ -419,9 +445,11 @@ class SlurmBackend:
                 f"Slurm refused the {step} job at submit: {_submit_reason(e)}",
                 {"backend": "slurm", "step": step, "state": "REFUSED", "needs": needs.model_dump()},
             ) from e
+        earlier = JobRecord.load(rec_path)
+        history = [*(earlier.history if earlier else []), f"{submitted_at:.0f} submitted {job.job_id} by {ctx.run_id}"]
         record = JobRecord(
             key=key, job_id=str(job.job_id), job_name=job_name, out_dir=str(out_dir), folder=str(folder),
-            submitted_at=submitted_at, run_id=ctx.run_id, history=[f"{submitted_at:.0f} submitted by {ctx.run_id}"],
+            submitted_at=submitted_at, run_id=ctx.run_id, history=history,
         )
         record.save(rec_path)
         ctx.info(
@@ -440,13 +468,20 @@ class SlurmBackend:
         return self._finish(ctx, step, job, record, rec_path, out_dir, needs, tails)
 
     def _wait(self, ctx: _Ctx, jobs: list[tuple[Any, JobRecord, Path | None]]) -> list[dict[str, _Tail]]:
-        """Poll until every job has ended, streaming their log tails; scancel them all if the
-        step is interrupted (Dagster run terminated: DagsterExecutionInterruptedError)."""
+        """Poll until every job has ended, streaming their log tails.
+
+        If the wait is interrupted (the step process gets Dagster's interrupt, or anything else
+        raises), the run's status decides: a run being CANCELED (Dagster marks it CANCELING before
+        it signals the worker) scancels its jobs; any other interruption -- SIGTERM/Ctrl-C of the
+        run worker, a restarted ``dagster dev`` or code server -- leaves them running, recorded
+        ``submitted``, so that the re-executed run (same root run id) re-attaches to them.
+        """
         tails = [{"stdout": _Tail(j.paths.stdout), "stderr": _Tail(j.paths.stderr)} for j, _, _ in jobs]
         state = ["PENDING"] * len(jobs)
         last = [""] * len(jobs)
         since = [time.time()] * len(jobs)
         done = [False] * len(jobs)
+        requeueable: dict[int, bool] = {}
         try:
             while not all(done):
                 for i, (job, record, _) in enumerate(jobs):
@@ -460,28 +495,72 @@ class SlurmBackend:
                     if state[i] != last[i]:
                         ctx.info(f"Slurm job {job.job_id}: {state[i]}")
                         last[i], since[i] = state[i], time.time()
+                    grace = 0.0
+                    if state[i] in REQUEUE_GRACE_S:
+                        if i not in requeueable:
+                            requeueable[i] = self._requeueable(record.job_id)
+                        grace = REQUEUE_GRACE_S[state[i]] if requeueable[i] else 0.0
                     done[i] = job.paths.result_pickle.exists() or (
-                        state[i] in TERMINAL_STATES and time.time() - since[i] >= REQUEUE_GRACE_S.get(state[i], 0.0)
+                        state[i] in TERMINAL_STATES and time.time() - since[i] >= grace
                     )
                 if not all(done):
                     time.sleep(self.slurm.poll_s)
-        except BaseException:
-            # Never leave a job running without an owner.
-            for i, (job, record, rec_path) in enumerate(jobs):
-                if done[i]:
-                    continue
-                subprocess.run(["scancel", str(record.job_id)], capture_output=True, timeout=60)
-                ctx.warning(f"step interrupted: cancelled Slurm job {record.job_id}")
-                record.status = "cancelled"
-                record.history.append(f"{time.time():.0f} cancelled by interrupted run {ctx.run_id}")
-                if rec_path is not None:
-                    record.save(rec_path)
+        except BaseException as e:
+            live = [(job, record, rec_path) for i, (job, record, rec_path) in enumerate(jobs) if not done[i]]
+            if live:
+                self._interrupted(ctx, live, e)
             raise
         for (job, _, _), t in zip(jobs, tails):
             for name, tail in t.items():
                 for line in tail.new_lines(final=True):
                     ctx.info(f"[slurm {job.job_id} {name}] {line}")
         return tails
+
+    def _interrupted(self, ctx: _Ctx, live: list[tuple[Any, JobRecord, Path | None]], error: BaseException) -> None:
+        """Stop vs cancel: scancel ``live`` jobs only when the run is being canceled, or when
+        nothing could re-attach to them (no Dagster instance; job-array tasks, which are not
+        recorded)."""
+        status = ctx.run_status(settle_s=2.0)
+        if ctx.instance is None:
+            reason = "interrupted outside a Dagster run: nothing could re-attach"
+        elif status in CANCELING_RUN_STATES:
+            reason = f"the Dagster run is {status}"
+        else:
+            kept = [(r, p) for _, r, p in live if p is not None]
+            ids = ", ".join(r.job_id for r, _ in kept)
+            for record, rec_path in kept:
+                record.history.append(
+                    f"{time.time():.0f} run {ctx.run_id} stopped ({type(error).__name__}, run {status or 'unknown'}); "
+                    "job left running for re-attach"
+                )
+                self._save(record, rec_path)
+            if kept:
+                ctx.warning(
+                    f"step stopped ({type(error).__name__}) but the Dagster run is {status or 'of unknown status'}, "
+                    f"not being canceled: Slurm job(s) {ids} keep running. Re-execute the run (same root run id) "
+                    f"to re-attach, or terminate the run / scancel {ids} to stop them."
+                )
+            live = [(j, r, p) for j, r, p in live if p is None]
+            reason = "job-array tasks are not re-attachable"
+        for _, record, rec_path in live:
+            subprocess.run(["scancel", str(record.job_id)], capture_output=True, timeout=60, check=False)
+            ctx.warning(f"step interrupted ({reason}): cancelled Slurm job {record.job_id}")
+            record.status = "cancelled"
+            record.history.append(f"{time.time():.0f} cancelled by run {ctx.run_id}: {reason}")
+            self._save(record, rec_path)
+
+    def _requeueable(self, job_id: str) -> bool:
+        """May Slurm requeue this job by itself after a node failure/preemption? (``Requeue=``
+        of ``scontrol show job``; unknown -> True, i.e. wait the grace period.)"""
+        if self.slurm.requeue is False:
+            return False
+        try:
+            out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, check=False,
+                                 timeout=30).stdout
+        except (subprocess.SubprocessError, OSError):
+            return True
+        m = re.search(r"\bRequeue=(\d)", out)
+        return m is None or m.group(1) != "0"
 
     def _finish(
         self, ctx: _Ctx, step: str, job: Any, record: JobRecord, rec_path: Path | None, out_dir: Path,
@@ -506,10 +585,26 @@ class SlurmBackend:
         }
         outcome, payload = _read_outcome(job, wait_s=10.0 if state in {"COMPLETED", "FAILED"} else 1.0)
         if outcome != "success":
+            text = _failure_text(step, record, state, payload, tails, needs)
+            if outcome == "missing" and state in LOST_STATES:
+                # The cluster lost the job (node failure, preemption, boot failure) and did not
+                # requeue it: the step did nothing wrong, its retry resubmits (the record's status
+                # is no longer "submitted", so the retry does not re-attach to the dead job).
+                import dagster as dg
+
+                record.status = "lost"
+                record.history.append(f"{time.time():.0f} ended {state} (lost by the cluster): retry resubmits")
+                self._save(record, rec_path)
+                retries = self.slurm.lost_job_retries
+                ctx.warning(f"Slurm job {record.job_id} ended {state} without a requeue: asking Dagster to retry the "
+                            f"step (up to {retries} time(s)), which submits a new job")
+                raise dg.RetryRequested(max_retries=retries) from _failure(text, compute)
             record.status = "failed" if state != "CANCELLED" else "cancelled"
             record.history.append(f"{time.time():.0f} ended {state}")
             self._save(record, rec_path)
-            raise _failure(_failure_text(step, record, state, payload, tails, needs), compute)
+            # A Python exception inside the step: the same code on the same inputs raises again,
+            # so no retry policy may resubmit it (fix the cause, then re-execute).
+            raise _failure(text, compute, allow_retries=outcome != "error")
 
         src = Path(record.out_dir)
         if src != out_dir and src.exists() and not out_dir.exists():
@@ -575,6 +670,27 @@ class _Ctx:
         except Exception:
             pass
         self.log = getattr(context, "log", None) or log
+        self.instance = getattr(context, "instance", None) if run is not None else None
+
+    def run_status(self, settle_s: float = 0.0) -> str | None:
+        """The Dagster run's status now (``DagsterRunStatus`` value), None if unknown. Polls up to
+        ``settle_s`` while the run is not (yet) CANCELING: a launcher marks the run before it
+        signals the worker, but a signal from elsewhere may race a cancel in flight."""
+        instance = self.instance
+        if instance is None:
+            return None
+        deadline = time.time() + settle_s
+        status: str | None = None
+        while True:
+            try:
+                run = instance.get_run_by_id(self.run_id)
+                status = getattr(getattr(run, "status", None), "value", None)
+            except Exception as e:  # noqa: BLE001 - storage unreachable: treat as unknown
+                log.warning("could not read the status of run %s: %s", self.run_id, e)
+                status = None
+            if status in CANCELING_RUN_STATES or time.time() >= deadline:
+                return status
+            time.sleep(0.25)
 
     def info(self, msg: str) -> None:
         self.log.info(msg)
@@ -666,13 +782,13 @@ def _submit_reason(e: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
 
 
-def _failure(description: str, meta: dict[str, Any]) -> BaseException:
+def _failure(description: str, meta: dict[str, Any], allow_retries: bool = True) -> BaseException:
     import dagster as dg
 
     metadata: dict[str, Any] = {}
     for k, v in meta.items():
         metadata[k] = dg.MetadataValue.json(v) if isinstance(v, (dict, list)) else str(v)
-    return dg.Failure(description=description, metadata=metadata)
+    return dg.Failure(description=description, metadata=metadata, allow_retries=allow_retries)
 
 
 def _shq(s: str) -> str:

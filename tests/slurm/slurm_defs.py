@@ -4,12 +4,19 @@ The asset is the same shape as the project's GPU-step assets (new version dir, c
 Dagster-free function, ``latest`` switched only on success, job facts as metadata) but calls the
 tiny functions of slurm_jobfns.py, so the Slurm machinery is tested in seconds. The compute
 resource is the project's real ``ComputeResource``; the settings file comes from
-``$ARENA_SETTINGS`` (the tests write one with ``compute.backend: slurm``).
+``$ARENA_SETTINGS`` (the tests write one with ``compute.backend: slurm``). Like the project's
+GPU assets it declares the Slurm backend's concurrency pool (assets/pools.py).
+
+``fold_sleep_job`` is the same asset with a default run config (``dagster job backfill`` takes
+no config): each fold's step sleeps ``$ARENA_TEST_SLEEP_S`` seconds (read when the code location
+loads; the daemon harness passes it to the code server) as Slurm step ``$ARENA_TEST_STEP``.
 """
 
+import os
 
 import dagster as dg
 
+from arena_assets.assets.pools import pool_for_backend
 from arena_assets.core.artifacts import new_version_dir, set_latest
 from arena_assets.resources.compute import ComputeResource
 from arena_assets.resources.settings import SettingsResource
@@ -26,7 +33,7 @@ class DemoConfig(dg.Config):
     resumable: bool = False
 
 
-@dg.asset(partitions_def=FOLDS)
+@dg.asset(partitions_def=FOLDS, pool=pool_for_backend("slurm"))
 def fold_demo(context: dg.AssetExecutionContext, config: DemoConfig, compute: ComputeResource) -> dg.MaterializeResult:
     import slurm_jobfns as fns
 
@@ -63,7 +70,14 @@ def _compute() -> ComputeResource:
 
 
 fold_demo_job = dg.define_asset_job("fold_demo_job", selection=[fold_demo])
-defs = dg.Definitions(assets=[fold_demo], jobs=[fold_demo_job], resources={"compute": _compute()})
+fold_sleep_job = dg.define_asset_job(
+    "fold_sleep_job", selection=[fold_demo],
+    config={"ops": {"fold_demo": {"config": {
+        "sleep_s": float(os.environ.get("ARENA_TEST_SLEEP_S", "20")),
+        "step": os.environ.get("ARENA_TEST_STEP", "demo"),
+    }}}},
+)
+defs = dg.Definitions(assets=[fold_demo], jobs=[fold_demo_job, fold_sleep_job], resources={"compute": _compute()})
 
 
 def get_job() -> dg.JobDefinition:
