@@ -242,7 +242,15 @@ class SlurmBackend:
 
     # ---------------------------------------------------------------- folders and keys
     def base_folder(self) -> Path:
-        return Path(self.slurm.folder).absolute() if self.slurm.folder else self.artifact_root / ".submitit"
+        """``compute.slurm.folder`` as configured (a shared folder may live anywhere), else
+        ``<root>/.submitit``, which must stay inside the artifact root (no planted symlink)."""
+        if self.slurm.folder:
+            return Path(self.slurm.folder).absolute()
+        from arena_assets.core.artifacts import ensure_inside
+
+        folder = self.artifact_root / ".submitit"
+        ensure_inside(self.artifact_root, folder, "write Slurm job pickles into")
+        return folder
 
     def run_folder(self, root_run_id: str) -> Path:
         """The root run's submitit folder, created with mode 0700 (it holds pickles). Only a folder

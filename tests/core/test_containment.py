@@ -153,3 +153,19 @@ def test_a_checkpoint_folder_pointing_outside_is_refused(tmp_path: Path, outside
     assert not got, f"training checkpoints would be written outside the root, into {got[0].resolve()}"
     _refused(err, "checkpoints")
     _untouched(outside)
+
+
+def test_a_default_submitit_folder_pointing_outside_is_refused(tmp_path: Path, outside: Path) -> None:
+    """Slurm job pickles go to ``<root>/.submitit`` unless a folder is configured: a planted
+    symlink there must not carry them outside the root (a configured shared folder stays allowed)."""
+    from arena_assets.core.settings import SlurmSettings
+    from arena_assets.resources.slurm import SlurmBackend
+
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    os.symlink(outside, root / ".submitit")
+    got: list[Path] = []
+    err = _attempt(lambda: got.append(SlurmBackend(SlurmSettings(), artifact_root=root).run_folder("run-1")))
+    assert not got, f"Slurm pickles would be written outside the root, into {got[0].resolve()}"
+    _refused(err, "Slurm")
+    _untouched(outside)
