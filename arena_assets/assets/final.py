@@ -1,6 +1,7 @@
 """Stage: final. Average the fold adapters (step 6a), merge (6b), quantize to 8 bits (7), TTA
 inference (8) and the ensemble that is the submission (9)."""
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from arena_assets.assets.common import (
     read_json,
     step_code_version,
 )
+from arena_assets.assets.ensemble import needs_fold_submissions
 from arena_assets.assets.keys import (
     AVERAGED_LORA,
     FINAL_ENSEMBLE,
@@ -46,6 +48,21 @@ def averaged_output(res: StepResult) -> Path:
     """What averaging produced: ``adapter/`` (``mean_adapters``) or a merged ``model/``
     (``mean_deltas``); ``merge_adapter`` takes either."""
     return res.path("adapter") if "adapter" in res.paths else res.path("model")
+
+
+def temperature_method(rule: str, fold_fitted_on: list[Any]) -> str:
+    """How the merged model's temperature was obtained, in words (metadata of merged_model and
+    tta_submission). The merged model has no held-out rows of its own, so its temperature is a
+    rule over the fold temperatures; what makes it fit the TTA submission is that each fold
+    temperature was fitted on the kind of logits that submission divides (gpu/calibrate.py)."""
+    if rule not in ("mean", "median"):
+        return f"T=1 ({rule})"
+    kinds = sorted({str(f.get("logits")) if isinstance(f, dict) else "non-TTA (a legacy calibration)"
+                    for f in fold_fitted_on})
+    lengths = sorted({int(f["max_length"]) for f in fold_fitted_on if isinstance(f, dict) and "max_length" in f})
+    at = f" at max_length {'/'.join(map(str, lengths))}" if lengths else ""
+    return (f"{rule} of the {len(fold_fitted_on)} fold temperatures, each fitted on the fold model's "
+            f"{'/'.join(kinds)} logits of its held-out fold{at}")
 
 
 def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
@@ -87,13 +104,15 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         m = Materialization.begin(context, s, MERGED_MODEL, None, step="merge")
         m.read(base_key(s.student_family))
         adapter = averaged_output(StepResult.read(m.read(AVERAGED_LORA)))
-        temps = [float(read_json(m.read(STUDENT_CALIBRATION, str(k)) / "calibration.json").get("temperature", 1.0))
-                 for k in range(s.folds.n_folds)]
+        fold_cal = [read_json(m.read(STUDENT_CALIBRATION, str(k)) / "calibration.json") for k in range(s.folds.n_folds)]
+        temps = [float(c.get("temperature", 1.0)) for c in fold_cal]
+        fitted = [c.get("fitted_on") for c in fold_cal]
         res = compute.run(context, "merge", merge_adapter, adapter, temps, s.calibration, out_dir=m.out_dir)
         m.commit()
         cal = read_json(m.out_dir / "calibration.json")
         return m.result(m.metadata(
             res, temperature=float(cal.get("temperature", 1.0)), fold_temperatures=MetadataValue.json(temps),
+            temperature_method=MetadataValue.text(temperature_method(str(cal.get("rule", "?")), fitted)),
             model_size_mb=dir_size_mb(res.path("model"))))
 
     @asset(key=QUANTIZED_MODEL, deps=[MERGED_MODEL, TRAIN_TABLE], code_version=cv_q, group_name="final",
@@ -130,8 +149,8 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         m = Materialization.begin(context, s, TTA_SUBMISSION, None, step="tta")
         qdir = m.read(QUANTIZED_MODEL)
         cal = m.read(MERGED_MODEL) / "calibration.json"
-        for k in range(s.folds.n_folds):
-            m.read(STUDENT_CALIBRATION, str(k))
+        fitted = [read_json(m.read(STUDENT_CALIBRATION, str(k)) / "calibration.json").get("fitted_on")
+                  for k in range(s.folds.n_folds)]
         test = m.read(TEST_TABLE) / "table.parquet"
         method = str(read_json(qdir / "quantization.json").get("method"))
         py = other_python(quant_python(s.quant)) if method == "gptq" else None
@@ -140,38 +159,74 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         ok, d = chk.submission_valid(sub, contract.read_table(test)["id"].tolist())
         checks = [AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)]
         m.commit(checks=checks)
+        cal_json = read_json(cal)
         return m.result(
-            m.metadata(res, quant_method=method, tta=s.infer.tta, submission=MetadataValue.path(str(sub))), checks)
+            m.metadata(res, quant_method=method, tta=s.infer.tta, submission=MetadataValue.path(str(sub)),
+                       temperature_method=MetadataValue.text(
+                           temperature_method(str(cal_json.get("rule", "?")), fitted)
+                           + ("" if s.infer.apply_calibration else " (not applied: infer.apply_calibration is false)"))),
+            checks)
 
-    @asset(key=FINAL_ENSEMBLE, deps=[TTA_SUBMISSION, STUDENT_FOLD_SUBMISSION, TEST_TABLE, TRAIN_TABLE],
+    # The deps follow ensemble.mode (the graph is built from the settings when definitions load):
+    # `merged` needs no fold submission, so it never waits for five full-test fold inferences;
+    # the per-fold CV table comes from student_calibration in every mode; the TTA submission is
+    # the merged/blend source and the fold modes' fallback (the seed's step 9).
+    ens_deps = [TTA_SUBMISSION, STUDENT_CALIBRATION, TEST_TABLE, TRAIN_TABLE]
+    if needs_fold_submissions(settings.ensemble):
+        ens_deps.insert(1, STUDENT_FOLD_SUBMISSION)
+
+    @asset(key=FINAL_ENSEMBLE, deps=ens_deps,
            code_version=cv_ens, group_name="final", automation_condition=eager, kinds={"csv"},
            check_specs=[AssetCheckSpec("submission_valid", asset=FINAL_ENSEMBLE, blocking=True,
                                        description="Columns, ids equal the test ids, rows sum to 1, no NaN.")],
-           description="Step 9: the submission (folds_mean | folds_cv_weighted | merged | blend).")
+           description="Step 9: the submission (folds_mean | folds_cv_weighted | merged | blend); per-fold CV "
+                       "from student_calibration; the fold modes fall back to the TTA submission when fold "
+                       "submissions are missing.")
     def final_ensemble(context: AssetExecutionContext, settings: SettingsResource) -> MaterializeResult:
+        from dagster import Failure
+
         from arena_assets.assets.ensemble import build_ensemble
         from arena_assets.core import contract
 
         s = settings.get()
         m = Materialization.begin(context, s, FINAL_ENSEMBLE, None, step="ensemble")
-        folds = {k: m.read(STUDENT_FOLD_SUBMISSION, str(k)) for k in range(s.folds.n_folds)}
-        tta_dir = m.read(TTA_SUBMISSION)
+        cv_dirs = {k: m.read(STUDENT_CALIBRATION, str(k)) for k in range(s.folds.n_folds)}
+
+        def read_or_none(key: Any, partition: str | None = None) -> Path | None:
+            try:
+                return m.read(key, partition)
+            except Failure as e:  # not materialized: the fallback decides (build_ensemble)
+                context.log.warning(f"{key.to_user_string()}{'' if partition is None else f'[{partition}]'}: "
+                                    f"{e.description}")
+                return None
+
+        folds: dict[int, Path | None] = {}
+        if needs_fold_submissions(s.ensemble):
+            folds = {k: read_or_none(STUDENT_FOLD_SUBMISSION, str(k)) for k in range(s.folds.n_folds)}
+        tta_dir = read_or_none(TTA_SUBMISSION)
         test = m.read(TEST_TABLE) / "table.parquet"
         train = m.read(TRAIN_TABLE) / "table.parquet"
-        info = build_ensemble(s.ensemble, folds, tta_dir, train, m.out_dir)
+        info = build_ensemble(s.ensemble, cv_dirs, folds, tta_dir, train, m.out_dir)
+        if info.get("fallback"):
+            context.log.warning(info["fallback"])
         sub = m.out_dir / "submission.csv"
         ok, d = chk.submission_valid(sub, contract.read_table(test)["id"].tolist())
         checks = [AssetCheckResult(check_name="submission_valid", passed=ok, metadata=d)]
-        m.commit({"sources": info["sources"], "weights": info["weights"]}, checks=checks)
+        m.commit({"sources": info["sources"], "weights": info["weights"], "fallback": info.get("fallback")},
+                 checks=checks)
         rows = [(k, info["fold_logloss_raw"].get(k, float("nan")), info["fold_logloss"].get(k, float("nan")),
                  info["fold_accuracy"].get(k, float("nan"))) for k in sorted(info["fold_logloss"])]
         table = md_table(["fold", "cv_logloss_raw", "cv_logloss", "accuracy"], rows)
+        table += "\n\nCV log-losses: student_calibration (TTA logits of each fold's held-out rows)."
         src = md_table(["source", "weight"], [(a, float(w)) for a, w in zip(info["sources"], info["weights"])])
         md = m.metadata(
             mode=s.ensemble.mode, submission=MetadataValue.path(str(sub)),
             per_fold=MetadataValue.md(f"### Per-fold CV log-loss\n\n{table}\n\n### Sources\n\n{src}"),
             sources=MetadataValue.json(info["sources"]), weights=MetadataValue.json(info["weights"]),
             mean_cv_logloss=float(info["mean_cv_logloss"]),
+            fold_logloss_se=MetadataValue.json({str(k): (None if math.isnan(v) else v)  # no SE recorded: null
+                                                for k, v in info["fold_logloss_se"].items()}),
+            fallback=MetadataValue.text(info.get("fallback") or "none"),
         )
         if info.get("oof_logloss") is not None:
             md["oof_logloss"] = float(info["oof_logloss"])

@@ -83,8 +83,13 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
                 m.inputs[raw.to_user_string()] = str(src)
                 src_hash = file_sha256(src)
             elif reader == "read_external":
+                # optional (the seed's steps 1 and 3): no file, no pairs; say where it was looked for
                 df = pd.DataFrame({c: pd.Series(dtype=object) for c in contract.EXTERNAL_COLS})
                 src_hash = "absent"
+                where = f"data.external={src} missing" if src is not None else "data.external not set"
+                context.log.warning(f"{key.to_user_string()}: no external pairs ({where}): an empty table; "
+                                    "post-pretraining will pass each base through and teachers train "
+                                    "without external rows")
             else:
                 from dagster import Failure
 
@@ -92,9 +97,10 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             with staged_dir(m.out_dir) as tmp:
                 contract.write_table(df, tmp / "table.parquet")
             summ = contract.summarize(df)
-            m.commit({"source_sha256": src_hash})
+            m.commit({"source_sha256": src_hash, "source": str(src) if src is not None else None})
             md = m.metadata(
                 rows=int(len(df)), source_sha256=src_hash,
+                source=str(src) if src is not None else "not set", source_exists=src_hash != "absent",
                 path=MetadataValue.path(str(m.out_dir / "table.parquet")),
                 summary=MetadataValue.json(summ),
             )

@@ -1,5 +1,7 @@
 """Stage: students. Per fold: the distilled student (step 5), the CE-only baseline, the
-temperature calibration and the fold's test submission with its CV log-loss."""
+temperature calibration (fitted on the fold model's TTA logits of its held-out rows, so it runs
+the model: a GPU-pool step, ``compute.needs.calibration``; it also gives the fold's CV log-loss
+table that ``final_ensemble`` reads) and the fold's test submission with its CV log-loss."""
 
 from typing import Any
 
@@ -90,8 +92,9 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         return m.result(m.metadata(res, fold=k, adapter_size_mb=dir_size_mb(res.path("model"))))
 
     @asset(key=STUDENT_CALIBRATION, deps=[STUDENT_MODEL, FOLD_DATA], partitions_def=parts, backfill_policy=FOLD_BACKFILL, code_version=cv_c,
-           group_name="student", automation_condition=cron, kinds={"json"},
-           description="Temperature scaling fitted on the fold's validation logits (LBFGS).")
+           group_name="student", pool=pool, automation_condition=cron, kinds={"pytorch", "json"},
+           description="Temperature scaling (LBFGS) fitted on the fold model's TTA logits of its held-out rows "
+                       "(the logits the submissions divide by it); the fold's CV log-loss on them.")
     def student_calibration(context: AssetExecutionContext, settings: SettingsResource, compute: ComputeResource) -> MaterializeResult:
         from arena_assets.gpu.calibrate import calibrate
 
@@ -99,18 +102,23 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
         k = fold_of(context)
         m = Materialization.begin(context, s, STUDENT_CALIBRATION, str(k), step="calibration")
         _, va = fold_tables(m, k)
-        preds = m.read(STUDENT_MODEL, str(k)) / "valid_predictions.parquet"
-        res = compute.run(context, "calibration", calibrate, preds, va, s.calibration, out_dir=m.out_dir)
+        model = m.read(STUDENT_MODEL, str(k)) / "model"
+        # runs the fold model (TTA over the held-out rows, as the submissions do): a GPU step
+        res = compute.run(context, "calibration", calibrate, model, s.fmt, s.infer, va, s.calibration, out_dir=m.out_dir)
         m.commit()
         cal = read_json(m.out_dir / "calibration.json")
+        fitted = cal.get("fitted_on", {})
         # --- plots (assets/plots.py): this fold's reliability diagram, before/after the temperature
         from arena_assets.assets.plots import reliability_metadata
 
-        rel = reliability_metadata(preds, va, float(cal.get("temperature", 1.0)), title=f"student fold {k}")
+        rel = reliability_metadata(res.path("oof"), va, float(cal.get("temperature", 1.0)), title=f"student fold {k}")
         # --- end plots
         return m.result(m.metadata(
             res, fold=k, temperature=float(cal.get("temperature", 1.0)),
             nll_before=float(cal.get("nll_before", float("nan"))), nll_after=float(cal.get("nll_after", float("nan"))),
+            fitted_on=MetadataValue.text(
+                f"{fitted.get('logits', '?')} logits of the {fitted.get('rows', '?')} held-out rows at "
+                f"max_length {fitted.get('max_length', '?')} (the logits the fold and TTA submissions divide by T)"),
             **rel))
 
     @asset(key=STUDENT_FOLD_SUBMISSION, deps=[STUDENT_MODEL, STUDENT_CALIBRATION, FOLD_DATA, TEST_TABLE],

@@ -1,6 +1,7 @@
 """Stage: teachers. Per family: the post-pretrained base (step 1), the fold teachers (step 3) and
 their out-of-fold probabilities (step 4); then every family's OOF in one table (the KD targets)."""
 
+from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -15,10 +16,12 @@ from dagster import (
 
 from arena_assets.assets import checks as chk
 from arena_assets.assets.common import (
+    PROVENANCE_FILE,
     Materialization,
     dir_size_mb,
     fold_of,
     fold_tables,
+    read_json,
     step_code_version,
 )
 from arena_assets.assets.keys import (
@@ -37,6 +40,18 @@ from arena_assets.assets.pools import gpu_pool
 from arena_assets.core.settings import Settings, settings_hash
 from arena_assets.resources.compute import ComputeResource
 from arena_assets.resources.settings import SettingsResource
+
+
+def external_source(s: Settings, external_version: Path) -> str:
+    """Where the ``external_pairs`` version came from, for messages (``data.external=/x missing``):
+    the steps say ``no external pairs (<this>)`` when the table has no rows."""
+    prov = read_json(external_version / PROVENANCE_FILE)
+    src = prov.get("source") or (str(s.resolve(s.data.external)) if s.data.external else None)
+    if src is None:
+        return "data.external not set"
+    if prov.get("source_sha256") == "absent" or not Path(src).exists():
+        return f"data.external={src} missing"
+    return f"data.external={src}"
 
 
 def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
@@ -61,15 +76,27 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
 
             s = settings.get()
             m = Materialization.begin(context, s, key, None, step="post_pretrain", family=family)
-            external = m.read(EXTERNAL_PAIRS) / "table.parquet"
+            ext_dir = m.read(EXTERNAL_PAIRS)
+            external = ext_dir / "table.parquet"
+            source = external_source(s, ext_dir)  # messages only: the table's data version is the input
             corpus = [m.read(TRAIN_TABLE) / "table.parquet", m.read(TEST_TABLE) / "table.parquet", external]
             res = compute.run(context, "post_pretrain", post_pretrain, s.families[family], s.post_pretrain,
                               s.fmt, external, corpus, out_dir=m.out_dir,
-                              checkpoint_dir=m.checkpoint_dir("post_pretrain"))
+                              checkpoint_dir=m.checkpoint_dir("post_pretrain"), external_source=source)
             m.commit()
+            done = bool(res.info.get("post_pretrained", True))
+            extra: dict[str, Any] = {"post_pretrained": done, "external_rows": int(res.info.get("external_rows", 0)),
+                                     "random_init": bool(res.info.get("random_init", False))}
+            if not done:
+                extra["reason"] = str(res.info.get("reason", ""))
+                if s.post_pretrain.enabled:
+                    context.log.warning(
+                        f"{m.key}: base not post-pretrained, passed through "
+                        f"({'an untrained random-init tiny model' if extra['random_init'] else 'the untouched checkpoint'}"
+                        f"): {extra['reason']}")
             return m.result(m.metadata(
                 res, family=family, model_size_mb=dir_size_mb(res.path("model")),
-                post_pretrain_enabled=s.post_pretrain.enabled))
+                post_pretrain_enabled=s.post_pretrain.enabled, **extra))
 
         return _base
 
@@ -89,12 +116,22 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             m = Materialization.begin(context, s, tkey, str(k), step="teacher", family=family)
             tr, va = fold_tables(m, k)
             base = m.read(base_key(family)) / "model"
-            external = m.read(EXTERNAL_PAIRS) / "table.parquet"
+            ext_dir = m.read(EXTERNAL_PAIRS)
+            external = ext_dir / "table.parquet"
+            source = external_source(s, ext_dir)  # messages only: the table's data version is the input
             res = compute.run(context, "teacher", train_teacher, base, s.teacher, s.fmt, tr, va, external,
-                              out_dir=m.out_dir, checkpoint_dir=m.checkpoint_dir("teacher"))
+                              out_dir=m.out_dir, checkpoint_dir=m.checkpoint_dir("teacher"),
+                              external_source=source)
             m.commit()
+            n_ext = int(res.info.get("external_rows", 0))
+            extra: dict[str, Any] = {"external_rows": n_ext, "trained_with_external": n_ext > 0}
+            if res.info.get("external_reason"):
+                extra["external_reason"] = str(res.info["external_reason"])
+                if s.teacher.use_external:
+                    context.log.warning(f"{m.key}[{k}]: trained without external rows "
+                                        f"(teacher.use_external is true): {extra['external_reason']}")
             return m.result(m.metadata(
-                res, fold=k, family=family, adapter_size_mb=dir_size_mb(res.path("model"))))
+                res, fold=k, family=family, adapter_size_mb=dir_size_mb(res.path("model")), **extra))
 
         @asset(key=okey, deps=[tkey, FOLD_DATA], partitions_def=parts, backfill_policy=FOLD_BACKFILL, code_version=cv_o, group_name=family,
                pool=pool, automation_condition=cron, kinds={"parquet"},

@@ -300,13 +300,17 @@ def build_report(settings: Settings, truth: dict[str, Any] | None = None,
     for k in folds:
         c = _read_json(_p(_latest(root, "student_calibration", k), "calibration.json"))
         t = c.get("temperature")
-        v = kd_valid[k]
-        row: dict[str, Any] = {"temperature": t}
+        # the logits T was fitted on: the calibration's TTA oof.parquet (issue 15); a calibration
+        # without it (older versions) was fitted on the student's valid_predictions
+        fitted = _read_parquet(_p(_latest(root, "student_calibration", k), "oof.parquet"))
+        v = fitted if fitted is not None else kd_valid[k]
+        row: dict[str, Any] = {"temperature": t, "fitted_on": "tta_oof" if fitted is not None else "valid_predictions"}
         if t is not None and v is not None:
             vids = v["id"].astype(str).tolist()
             lab = label_frame.loc[vids].to_numpy(dtype=np.float64)
             row["fitted_labels_before"] = metrics.log_loss(lab, frame_probs(v, 1.0))
             row["fitted_labels_after"] = metrics.log_loss(lab, frame_probs(v, t))
+            row["fitted_labels_se"] = ensemble.log_loss_se(lab, frame_probs(v, t))
             row["fitted_truth_before"] = score(v, train_ref, 1.0)
             row["fitted_truth_after"] = score(v, train_ref, t)
         if t is not None and fold_pred[k] is not None and test_ref is not None:
@@ -351,12 +355,19 @@ def build_report(settings: Settings, truth: dict[str, Any] | None = None,
     modes: dict[str, float | None] = {m: None for m in ENSEMBLE_MODES}
     if test_ref is not None and all(fold_pred[k] is not None for k in folds) and test_ids:
         frames = [fold_pred[k] for k in folds]
-        cv = [float(fold_res[k].get("metrics", {}).get("cv_logloss", float("nan"))) for k in folds]
+        # CV log-losses and their standard errors as build_ensemble reads them (the calibration's
+        # metrics), else the fold submissions' and the fitted fold's per-row spread
+        cal_m = {k: _read_json(_p(_latest(root, "student_calibration", k), "result.json")).get("metrics", {})
+                 for k in folds}
+        cv = [float(cal_m[k].get("cv_logloss", fold_res[k].get("metrics", {}).get("cv_logloss", float("nan"))))
+              for k in folds]
+        se = [float(cal_m[k].get("cv_logloss_se", cal[k].get("fitted_labels_se", float("nan")))) for k in folds]
         ref_test = reference(test_ref, test_ids)
         fm = mix(frames, [1.0] * n, test_ids)
         modes["folds_mean"] = metrics.expected_log_loss(ref_test, fm)
-        if all(math.isfinite(x) for x in cv):
-            w = ensemble.cv_weights(cv, settings.ensemble.cv_weight_tau)
+        if all(math.isfinite(x) for x in cv) and all(math.isfinite(x) and x > 0 for x in se):
+            w = ensemble.cv_weights(cv, se, z=settings.ensemble.cv_weight_z,
+                                    max_ratio=settings.ensemble.cv_weight_max_ratio)
             modes["folds_cv_weighted"] = metrics.expected_log_loss(ref_test, mix(frames, w, test_ids))
         if tta_pred is not None:
             bw = float(settings.ensemble.blend_weight)

@@ -234,12 +234,14 @@ class StudentSettings(_Frozen):
 
 
 class CalibrationSettings(_Frozen):
-    """Per-fold temperature scaling fitted with LBFGS on the fold's validation logits."""
+    """Per-fold temperature scaling fitted with LBFGS on the fold model's TTA logits of its
+    held-out rows (``infer``'s TTA and length: the logits the submissions divide by it)."""
 
     enabled: bool = True
     max_iter: int = 100
     merged_temperature: Literal["mean", "median", "none"] = "mean"
-    """Temperature of the averaged-and-merged model: the mean of the fold temperatures."""
+    """Temperature of the averaged-and-merged model, which has no held-out rows of its own: the
+    mean of the fold temperatures, each fitted on the TTA logits of its held-out fold."""
 
 
 class AverageSettings(_Frozen):
@@ -292,13 +294,23 @@ class EnsembleSettings(_Frozen):
     """Step 9.
 
     folds_mean: equal mean of the fold submissions (the seed's step 9).
-    folds_cv_weighted: w_k proportional to exp(-(L_k - min L)/tau), L_k the fold's CV log-loss.
-    merged: the TTA submission of the averaged-merged-quantized model (1st place's final).
+    folds_cv_weighted: w_k proportional to exp(-(L_k - min L)/tau), L_k the fold's CV log-loss,
+    tau = cv_weight_z x the standard error of a difference of two folds' CV log-losses, no fold
+    above cv_weight_max_ratio / K (core/ensemble.py says why: fold CVs differ mostly by which
+    rows each fold held out).
+    merged: the TTA submission of the averaged-merged-quantized model (1st place's final); needs
+    no fold submission (final_ensemble then does not depend on them).
     blend: blend_weight * merged + (1 - blend_weight) * folds_mean.
+    A fold mode whose fold submissions are missing falls back to the TTA submission alone (the
+    seed's step 9) and records it.
     """
 
     mode: Literal["folds_mean", "folds_cv_weighted", "merged", "blend"] = "merged"
-    cv_weight_tau: float = 0.01
+    cv_weight_z: float = 4.5
+    """folds_cv_weighted: a fold d noise units (SE of a difference of two fold CVs) worse keeps
+    exp(-d / z) of the best fold's weight (1 unit: 0.80; a broken fold, 30 units: < 0.002)."""
+    cv_weight_max_ratio: float = 1.25
+    """folds_cv_weighted: no fold weighs more than this x 1/K (0.25 of 5 folds)."""
     blend_weight: float = 0.5
 
 

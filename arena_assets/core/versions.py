@@ -97,9 +97,9 @@ STEPS: dict[str, StepDef] = {
         also=("arena_assets.core.folds:split_fold", "arena_assets.core.folds:write_folds",
               "arena_assets.core.folds:read_folds", "arena_assets.core.folds:folds_filename"),
     ),
-    "post_pretrain": StepDef("arena_assets.gpu.pretrain:post_pretrain", 2),
+    "post_pretrain": StepDef("arena_assets.gpu.pretrain:post_pretrain", 3),
     "teacher": StepDef(
-        "arena_assets.gpu.train:train_teacher", 2,
+        "arena_assets.gpu.train:train_teacher", 3,
         # the OOF length; train_teacher never reads it (the teacher_oof asset may pass
         # s.teacher.oof_length as teacher_oof's max_length: then STEPS["teacher_oof"].passes says so)
         unread=("cfg.oof_max_length",),
@@ -121,14 +121,19 @@ STEPS: dict[str, StepDef] = {
                 "cfg.kd.teacher_families"),
     ),
     "calibration": StepDef(
-        "arena_assets.gpu.calibrate:calibrate", 1, unread=("cfg.merged_temperature",),
+        # 2: fitted on the fold model's TTA logits of its held-out rows (the logits the submissions
+        # divide by T), no longer on the training step's non-TTA valid_predictions (issue 15).
+        # apply_calibration decides whether the submissions apply T, never what T is.
+        "arena_assets.gpu.calibrate:calibrate", 2, unread=("cfg.merged_temperature", "infer.apply_calibration"),
     ),
     "predict": StepDef("arena_assets.gpu.predict:fold_submission", 2),
     "average": StepDef("arena_assets.gpu.average:average_adapters", 1),
     "merge": StepDef("arena_assets.gpu.average:merge_adapter", 1, unread=("cfg.max_iter",)),
     "quantize": StepDef("arena_assets.gpu.quantize:quantize", 2),
     "tta": StepDef("arena_assets.gpu.predict:tta_submission", 2),
-    "ensemble": StepDef("arena_assets.assets.ensemble:build_ensemble", 1),
+    # 2: CV table from the calibration step; CV weights with a noise-scaled temperature and a cap;
+    # the seed's fallback to the TTA submission (issue 15)
+    "ensemble": StepDef("arena_assets.assets.ensemble:build_ensemble", 2),
 }
 """Every step with a code version. Family steps: post_pretrain (every family), teacher and
 teacher_oof (teacher families); the others belong to the student."""

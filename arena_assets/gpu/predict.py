@@ -7,6 +7,13 @@ exchanged; the swapped logits are mapped back (A<->B columns) and the two logit 
 exactly mirror-symmetric: predicting a swapped row gives the swapped probabilities. Calibration
 divides the averaged logits by the fold's temperature before the softmax. The prediction table
 keeps the uncalibrated logits so any later calibration can start from them.
+
+The temperatures are fitted on logits of the same kind (issue 15): ``gpu.calibrate.calibrate``
+runs the fold model on its held-out rows through :func:`_tta_runner`, the runner both submissions
+use, with the same ``fmt``/``infer``. So a fold submission's ``cv_logloss`` is computed on the
+very logits its temperature minimises (it equals the calibration's ``cv_logloss`` up to float
+rounding), and the merged model's temperature (the mean of the fold ones) is a mean of
+temperatures fitted on TTA logits.
 """
 
 from __future__ import annotations
@@ -341,7 +348,10 @@ def fold_submission(
     *,
     out_dir: Any,
 ) -> StepResult:
-    """A fold model's calibrated OOF (CV metrics) and test submission."""
+    """A fold model's calibrated OOF (CV metrics) and test submission.
+
+    ``calibration_json``'s temperature was fitted on this model's TTA logits of ``valid_table``
+    (``gpu.calibrate``, the same runner), so ``cv_logloss`` <= ``cv_logloss_raw`` (up to float rounding)."""
     valid, test = read_table(valid_table), read_table(test_table)
     run, record, n_gpus = _tta_runner(model_dir, fmt, infer)
     t = read_temperature(calibration_json) if infer.apply_calibration else 1.0

@@ -9,8 +9,11 @@ the shared base on them would leak all folds' validation labels into every teach
   base barely learns: /work/shared/recipes/tiny-demo-learnability.md).
 * Real family: the checkpoint is loaded by path (QLoRA per its ``ModelSpec``), LoRA-trained on the
   external pairs and merged into a new base (the base re-loaded unquantized for the merge).
-* Disabled: the base passes through (tiny: built and saved; real: a pointer directory naming the
-  untouched checkpoint, with its tokenizer and format).
+* Disabled, or no external pairs (the seed calls step 1 optional: real data without a
+  ``data.external`` file): the base passes through (tiny: built and saved, an UNTRAINED random-init
+  model; real: a pointer directory naming the untouched checkpoint, with its tokenizer and format).
+  ``result.json`` says so: ``info.post_pretrained`` false, ``info.reason`` and a note; with no
+  external pairs a warning is logged too.
 
 The output ``model/`` is a base directory (3-label sequence classifier + tokenizer +
 ``arena_format.json`` + ``arena_spec.json``) that :func:`models.load_classifier` reads.
@@ -45,6 +48,11 @@ log = logging.getLogger(__name__)
 
 VALID_ROWS = 200
 """External rows held out to report the post-pretrained base's log-loss."""
+
+
+def external_rows(external: Any) -> int:
+    """Rows of the external pairs table (0 when there is none: None or an empty table)."""
+    return 0 if external is None else len(read_table(external))
 
 
 def _external_split(external: Any, cfg: Any) -> tuple[Any, Any]:
@@ -115,9 +123,13 @@ def _merge(model: Any, tok: Any, spec: Any, init_dir: Path, tmp: Path) -> Any:
 
 def post_pretrain(
     spec: ModelSpec, cfg: PostPretrainSettings, fmt: FormatSettings, external: Any, corpus: list[Any], *,
-    out_dir: Any, checkpoint_dir: Any = None
+    out_dir: Any, checkpoint_dir: Any = None, external_source: str | None = None
 ) -> StepResult | None:
     """Step 1 (see the module doc). ``corpus``: tables whose TEXT trains a tiny tokenizer.
+
+    ``external_source``: where the external table came from, for the messages only (e.g.
+    ``data.external=/data/ext.csv missing``): with no external rows the reason reads
+    ``no external pairs (<external_source>)``.
 
     ``checkpoint_dir`` (optional, keyed like ``train.checkpoint_dir_for``): the training on the
     external pairs saves checkpoints there and a re-run resumes from the last complete one;
@@ -130,16 +142,22 @@ def post_pretrain(
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="arena-rank-") as scratch:
-            _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=Path(scratch) / "out", checkpoint_dir=checkpoint_dir)
+            _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=Path(scratch) / "out",
+                           checkpoint_dir=checkpoint_dir, external_source=external_source)
         return None
-    return _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=out_dir, checkpoint_dir=checkpoint_dir)
+    return _post_pretrain(spec, cfg, fmt, external, corpus, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
+                          external_source=external_source)
 
 
 def _post_pretrain(
-    spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any], *, out_dir: Any, checkpoint_dir: Any = None
+    spec: Any, cfg: Any, fmt: Any, external: Any, corpus: list[Any], *, out_dir: Any, checkpoint_dir: Any = None,
+    external_source: str | None = None
 ) -> StepResult:
     setup_torch(cfg.train.seed)
     tf = format_for_spec(spec)
+    n_ext = external_rows(external)
+    if not n_ext:
+        external = None  # an empty table is no external pairs (nothing to train on, no text, no ids)
     with step_output(out_dir, "post_pretrain") as (tmp, res):
         init = tmp / "_init"
         if spec.is_tiny:
@@ -159,7 +177,9 @@ def _post_pretrain(
             }
             if corpus and external is not None:
                 ext_ids = set(read_table(external)["id"].astype(str))
-                shared = sum(len(ext_ids & set(t["id"].astype(str))) for t in tables[:-1])
+                # the corpus may hold the external table itself (the asset passes it for its text)
+                others = [t for p, t in zip(corpus, tables) if Path(p).resolve() != Path(external).resolve()]
+                shared = sum(len(ext_ids & set(t["id"].astype(str))) for t in others)
                 if shared:
                     log.warning("%d external ids also appear in the corpus tables (ids only; check the sources)", shared)
                 res.info["external_ids_in_corpus"] = shared
@@ -184,10 +204,18 @@ def _post_pretrain(
             shutil.rmtree(init)
             res.info["post_pretrained"] = True
         else:
+            if not cfg.enabled:
+                reason = "post_pretrain.enabled is false"
+            else:
+                reason = f"no external pairs ({external_source or 'the external table is empty'})"
+            what = "an untrained random-init tiny model" if spec.is_tiny else "the untouched checkpoint"
+            note = f"base NOT post-pretrained, passed through ({what}): {reason}"
             if cfg.enabled:
-                res.notes.append("post-pretraining enabled but no external table: base passed through")
+                log.warning("post-pretraining skipped: %s", note)
+            res.notes.append(note)
             init.rename(tmp / "model")
-            res.info["post_pretrained"] = False
+            res.info.update(post_pretrained=False, reason=reason, external_rows=0)
+        res.info["random_init"] = bool(spec.is_tiny and not res.info["post_pretrained"])
         res.info["format"] = tf.to_json()
         res.paths["model"] = "model"
     return StepResult.read(out_dir)

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,7 @@ def _fit_classifier(
     out_dir: Any,
     checkpoint_dir: Any,
     extra_info: dict[str, Any],
+    notes: Sequence[str] = (),
 ) -> StepResult | None:
     from arena_assets.gpu.models import data_parallel_rank, read_spec, save_classifier, write_spec
     from arena_assets.gpu.predict import predict_logits, prediction_frame, scores, write_parquet
@@ -386,6 +388,7 @@ def _fit_classifier(
         res.paths.update(model="model", valid_predictions="valid_predictions.parquet", history="history.json")
         res.info.update(model=minfo, train=tinfo, train_rows=len(train_ds), valid_rows=len(valid_ds),
                         devices=tinfo["devices"], **extra_info)
+        res.notes.extend(notes)
         log.info("%s: valid log-loss %.4f, accuracy %.3f", step, s["logloss"], s["accuracy"])
     return StepResult.read(out_dir)
 
@@ -405,14 +408,29 @@ def train_teacher(
     *,
     out_dir: Any,
     checkpoint_dir: Any = None,
+    external_source: str | None = None,
 ) -> StepResult | None:
-    """Step 3: one teacher for one fold and family (fold's train part + optional external rows)."""
+    """Step 3: one teacher for one fold and family (fold's train part + optional external rows).
+
+    External rows are optional (the seed's step 3): with ``use_external`` and no external pairs
+    (``external`` None or an empty table) the teacher trains on its fold alone, logs a warning and
+    says why in ``result.json`` (``info.external_reason``, a note). ``external_source``: where the
+    external table came from, for those messages only (e.g. ``data.external=/data/ext.csv missing``).
+    """
     import pandas as pd
 
     train, valid = read_table(train_table), read_table(valid_table)
-    rows, n_ext = _rows(train), 0
-    if cfg.use_external and external is not None:
-        ext = _rows(read_table(external))
+    rows, n_ext, notes = _rows(train), 0, []
+    ext = _rows(read_table(external)) if cfg.use_external and external is not None else None
+    info: dict[str, Any] = {}
+    if not cfg.use_external:
+        info["external_reason"] = "teacher.use_external is false"
+    elif ext is None or not len(ext):
+        reason = f"no external pairs ({external_source or 'the external table is empty'})"
+        info["external_reason"] = reason
+        notes.append(f"teacher trained without external rows (teacher.use_external is true): {reason}")
+        log.warning("%s", notes[-1])
+    else:
         if cfg.max_external_rows is not None and len(ext) > cfg.max_external_rows:
             ext = ext.sample(n=cfg.max_external_rows, random_state=cfg.train.seed)
         overlap = set(ext["id"].astype(str)) & set(valid["id"].astype(str))
@@ -423,7 +441,7 @@ def train_teacher(
     kd = {"alpha": 0.0, "temperature": 1.0, "label_smoothing": cfg.train.label_smoothing}
     return _fit_classifier(
         "teacher", base_dir, cfg, cfg.lora, fmt, rows, valid, kd, None, out_dir, checkpoint_dir,
-        {"external_rows": n_ext},
+        {"external_rows": n_ext, **info}, notes,
     )
 
 

@@ -83,7 +83,15 @@ def test_issue_dependency_table_holds() -> None:
     assert deps("llama/teacher_model") == {"fold_data", "llama/post_pretrained_base", "external_pairs"}
     assert deps("teacher_oof") >= {"llama/teacher_oof_probs"}
     assert deps("baseline_student") == {"fold_data", "gemma/post_pretrained_base"}
-    assert deps("final_ensemble") >= {"tta_submission", "student_fold_submission"}
+    # arena.yaml's ensemble mode is `merged`: no wait for the fold submissions; the per-fold CV
+    # table comes from the calibration (issue 15). The fold modes depend on them.
+    assert deps("final_ensemble") == {"tta_submission", "student_calibration", "test_table", "train_table"}
+    for mode in ("folds_mean", "folds_cv_weighted", "blend"):
+        g2 = build_definitions(ARENA_YAML, {"ensemble": {"mode": mode}}).resolve_asset_graph()
+        from dagster import AssetKey
+
+        assert {p.to_user_string() for p in g2.get(AssetKey("final_ensemble")).parent_keys} == \
+            {"tta_submission", "student_fold_submission", "student_calibration", "test_table", "train_table"}, mode
     assert deps("train_table") == {"raw_train_csv"}
 
 
@@ -109,7 +117,9 @@ def _code_versions(defs) -> dict[str, str | None]:  # type: ignore[no-untyped-de
         ({"calibration": {"merged_temperature": "median"}}, {"merged_model"}),
         ({"infer": {"batch_size": 3, "gpus": 2, "compile": False}}, set()),  # speed only
         # the teacher OOF runs at the teacher's own length (teacher.oof_max_length), not this one
-        ({"infer": {"max_length": 64}}, {"student_fold_submission", "tta_submission"}),
+        # ... and the calibration, fitted on the same TTA logits the submissions use (issue 15)
+        ({"infer": {"max_length": 64}}, {"student_calibration", "student_fold_submission", "tta_submission"}),
+        ({"infer": {"apply_calibration": False}}, {"student_fold_submission", "tta_submission"}),
         ({"teacher": {"oof_max_length": 64}}, {"llama/teacher_oof_probs"}),
         ({"folds": {"seed": 1}}, {"fold_assignments", "fold_data"}),
     ],

@@ -65,14 +65,21 @@ def test_invalid_write_leaves_existing_file(tmp_path: Path) -> None:
 
 
 def test_cv_weights_formula() -> None:
-    assert cv_weights([0.9, 0.9, 0.9]) == pytest.approx([1 / 3] * 3)
-    w = cv_weights([0.90, 0.91], tau=0.01)
-    assert w[1] / w[0] == pytest.approx(math.exp(-1))
+    se = [0.005, 0.005]
+    assert cv_weights([0.9, 0.9, 0.9], [0.01] * 3) == pytest.approx([1 / 3] * 3)
+    # tau = z * sqrt(2 * mean SE^2): a fold d noise units worse keeps exp(-d / z) of the weight
+    sigma = math.sqrt(2) * 0.005
+    w = cv_weights([0.90, 0.90 + sigma], se, z=4.5, max_ratio=2.0)
+    assert w[1] / w[0] == pytest.approx(math.exp(-1 / 4.5))
     assert sum(w) == pytest.approx(1)
-    assert cv_weights([0.9, 1.0], tau=1e6) == pytest.approx([0.5, 0.5])
-    assert cv_weights([0.9, 1.0], tau=1e-4)[0] == pytest.approx(1.0)
+    assert cv_weights([0.9, 1.0], se, z=1e9) == pytest.approx([0.5, 0.5])
+    assert cv_weights([0.9, 1.0], se, z=1e-3, max_ratio=2.0)[0] == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        cv_weights([0.9, float("nan")])
+        cv_weights([0.9, float("nan")], se)
+    with pytest.raises(ValueError):
+        cv_weights([0.9, 0.91], [0.005, 0.0])
+    with pytest.raises(ValueError):
+        cv_weights([0.9, 0.91], [0.005])
 
 
 def test_combine() -> None:

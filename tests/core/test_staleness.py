@@ -57,11 +57,13 @@ reads (training uses ``TrainSettings.max_length``, inference ``InferSettings.max
 
 EXPECTED: dict[str, set[str]] = {
     # inference: the teachers' OOF reads tta, never the temperature or FP8; it runs at the
-    # teachers' own length (teacher.oof_max_length, default the teachers' training length)
-    "infer.max_length": {"predict", "tta"},
-    "infer.tta": {"teacher_oof[llama]", "predict", "tta"},
+    # teachers' own length (teacher.oof_max_length, default the teachers' training length).
+    # The fold calibration runs the same TTA as the submissions (issue 15), but whether they
+    # apply the temperature is not its business
+    "infer.max_length": {"calibration", "predict", "tta"},
+    "infer.tta": {"teacher_oof[llama]", "calibration", "predict", "tta"},
     "infer.apply_calibration": {"predict", "tta"},
-    "infer.fp8": {"predict", "tta"},
+    "infer.fp8": {"calibration", "predict", "tta"},
     # calibration: the fold fit reads enabled/max_iter, the merge enabled/merged_temperature;
     # averaging adapters reads neither
     "calibration.max_iter": {"calibration"},
@@ -71,6 +73,8 @@ EXPECTED: dict[str, set[str]] = {
     "quant.bits": {"quantize"},
     "ensemble.mode": {"ensemble"},
     "ensemble.blend_weight": {"ensemble"},
+    "ensemble.cv_weight_z": {"ensemble"},
+    "ensemble.cv_weight_max_ratio": {"ensemble"},
     "folds.seed": {"folds"},
     "folds.n_folds": {"folds"},
     # training
@@ -93,7 +97,7 @@ EXPECTED: dict[str, set[str]] = {
     "baseline.kd.alpha": set(),
     # formatting reaches every step that tokenizes rows
     "fmt.prompt_max_tokens": {"post_pretrain[gemma]", "post_pretrain[llama]", "teacher[llama]", "teacher_oof[llama]",
-                              "student", "baseline", "predict", "quantize", "tta"},
+                              "student", "baseline", "calibration", "predict", "quantize", "tta"},
     # a family's spec: its post-pretrained base; later steps see it through that artifact
     "families.llama.dtype": {"post_pretrain[llama]"},
     "families.gemma.tiny.hidden_size": {"post_pretrain[gemma]"},

@@ -102,7 +102,7 @@ def test_student_refuses_oof_missing_ids(data: dict[str, Any], base: Any, oof: P
 
 
 def test_calibration_never_raises_nll_and_recovers_temperature(data: dict[str, Any], student: Any, tmp_path: Path) -> None:
-    r = calibrate(student.path("valid_predictions"), data["valid0"], CalibrationSettings(), out_dir=tmp_path / "cal")
+    r = calibrate(student.path("model"), FMT, INFER, data["valid0"], CalibrationSettings(), out_dir=tmp_path / "cal")
     cal = json.loads(r.path("calibration").read_text())
     assert cal["nll_after"] <= cal["nll_before"] + 1e-12
     assert cal["temperature"] == r.metrics["temperature"] > 0

@@ -211,8 +211,9 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Oracle:
         baseline = train_student(base_dir, a["cfg"], a["fmt"], t["train0"], t["valid0"], None,
                                  out_dir=root / "baseline")
 
-        a = o.settings("calibration", cfg="calibration")
-        cal = calibrate(student.path("valid_predictions"), t["valid0"], a["cfg"], out_dir=root / "cal")
+        # as the asset calls it: the fold model's TTA logits of its held-out rows (issue 15)
+        a = o.settings("calibration", fmt="fmt", infer="infer", cfg="calibration")
+        cal = calibrate(student.path("model"), a["fmt"], a["infer"], t["valid0"], a["cfg"], out_dir=root / "cal")
         a = o.settings("predict", fmt="fmt", infer="infer")
         pred = fold_submission(student.path("model"), cal.path("calibration"), a["fmt"], a["infer"], t["valid0"],
                                t["test"], out_dir=root / "predict")
@@ -230,8 +231,8 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Oracle:
         for i, mode in enumerate(["folds_mean", "folds_cv_weighted", "merged", "blend"]):
             cfg = recording(S.ensemble.model_copy(update={"mode": mode}), o.reads.setdefault("ensemble", set()),
                             "ensemble")
-            build_ensemble(cfg, {0: Path(pred.out_dir), 1: Path(pred.out_dir)}, Path(tta.out_dir), t["train"],
-                           root / f"ensemble{i}")
+            build_ensemble(cfg, {0: Path(cal.out_dir), 1: Path(cal.out_dir)}, {0: Path(pred.out_dir), 1: Path(pred.out_dir)},
+                           Path(tta.out_dir), t["train"], root / f"ensemble{i}")
         assert pd.read_csv(root / "ensemble3" / "submission.csv").shape[0] == 24
     finally:
         mp.undo()
