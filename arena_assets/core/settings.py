@@ -420,7 +420,7 @@ def _resolve_ranks(step: str, needs: Any) -> Any:
     elif step in ONE_PROCESS_STEPS and given and tasks > 1:
         raise ValueError(
             f"{where}: tasks_per_node={tasks} but {step} runs as one process"
-            + (" that uses every GPU of the job (infer.gpus)" if step in ("teacher_oof", "predict", "tta") else "")
+            + (" that uses every GPU of the job (infer.gpus)" if step in ("teacher_oof", "calibration", "predict", "tta") else "")
             + "; leave tasks_per_node out (1)"
         )
     return needs

@@ -177,7 +177,7 @@ def build_job(
         # Step pods never talk to the API server; the orchestrator does.
         "automount_service_account_token": False,
     }
-    # GPU placement only for steps that use GPUs: a calibration pod must not hold a GPU node.
+    # GPU placement only for steps that use GPUs: a CPU-only pod (averaging) must not hold a GPU node.
     selector = k8s.node_selector if needs.gpus else k8s.cpu_node_selector
     if selector:
         pod_spec["node_selector"] = dict(selector)

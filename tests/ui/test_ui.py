@@ -486,12 +486,14 @@ BACKENDS = {
 
 
 def make_failing_run(session: PipelineSession, scratch: Path, backend: str) -> str:
-    """A real run of ``student_calibration`` fold 4 whose step fails in another process.
+    """A real run of ``student_calibration`` whose step fails in another process.
 
-    Its inputs live in a scratch artifact root (the session's stay untouched): the fold's
-    validation table, and student predictions lacking the logit columns, as an outdated
-    predictions file would. The step runs in a child process (``local``) or as a Slurm job
-    (``slurm``), so the traceback Dagster shows is a remote one.
+    Downstream reads what the session's Dagster instance records (assets/common.py), so the
+    broken inputs go to a sixth fold the instance has never seen, in a scratch artifact root (an
+    instance without records of an upstream reads the root's disk view; the session's five folds
+    stay untouched): fold 4's model, and fold 4's validation table without its label columns, as
+    a table exported without labels would be. The step runs in a child process (``local``) or as
+    a Slurm job (``slurm``), so the traceback Dagster shows is a remote one.
     """
     import json
     import shutil
@@ -500,24 +502,26 @@ def make_failing_run(session: PipelineSession, scratch: Path, backend: str) -> s
     from dagster import AssetKey, materialize
 
     from arena_assets.core import artifacts
+    from arena_assets.definitions import build_definitions
     from arena_assets.resources.compute import ComputeResource
     from arena_assets.resources.settings import SettingsResource
 
-    fold = "4"
+    fold, new = "4", "5"
     src = artifacts.latest(session.artifacts, "fold_data", fold)
     assert src is not None
-    v = artifacts.new_version_dir(scratch, "fold_data", fold)
+    v = artifacts.new_version_dir(scratch, "fold_data", new)
     shutil.copytree(src, v)
+    valid = pd.read_parquet(v / "valid.parquet")
+    valid.drop(columns=[c for c in valid.columns if c.startswith("winner")]).to_parquet(v / "valid.parquet", index=False)
     artifacts.set_latest(v)
-    preds = pd.read_parquet(artifacts.latest(session.artifacts, "student_model", fold) / "valid_predictions.parquet")
-    v = artifacts.new_version_dir(scratch, "student_model", fold)
-    v.mkdir(parents=True)
-    preds[["id", "p_a", "p_b", "p_tie"]].to_parquet(v / "valid_predictions.parquet", index=False)
+    v = artifacts.new_version_dir(scratch, "student_model", new)
+    shutil.copytree(artifacts.latest(session.artifacts, "student_model", fold), v)
     artifacts.set_latest(v)
 
-    overrides = {"artifact_root": str(scratch), **BACKENDS[backend][0]}
+    overrides = {"artifact_root": str(scratch), "folds": {"n_folds": 6}, **BACKENDS[backend][0]}
+    defs = build_definitions(str(session.settings_path), {"folds": {"n_folds": 6}})
     settings = SettingsResource(path=str(session.settings_path), overrides_json=json.dumps(overrides))
-    res = materialize(list(session.defs.assets), selection=[AssetKey("student_calibration")], partition_key=fold,
+    res = materialize(list(defs.assets), selection=[AssetKey("student_calibration")], partition_key=new,
                       instance=session.instance, raise_on_error=False, tags={"arena/test": f"ui-failure-{backend}"},
                       resources={"settings": settings, "compute": ComputeResource(settings=settings)})
     assert not res.success
@@ -543,6 +547,6 @@ def test_failed_run_shows_readable_error_and_remote_traceback(
     # The remote traceback (child process / Slurm job) rides on the failure, shown in the event log.
     page.get_by_text(re.compile(r"Traceback \(most recent call last\)")).first.wait_for()
     body = page.inner_text("body")
-    assert "KeyError" in body and "logit_a" in body
+    assert "KeyError" in body and "winner_model_a" in body
     assert "arena_assets/gpu/calibrate.py" in body
     harness.screenshot(page, screenshot_dir / ("failed_run.png" if backend == "local" else f"failed_run_{backend}.png"))
