@@ -276,6 +276,12 @@ class Materialization:
             if result.notes:
                 md["notes"] = MetadataValue.md("\n".join(f"- {n}" for n in result.notes))
             md["step_wall_s"] = float(result.timings.get("wall_s", 0.0))
+            # where the step's model ran and its GPU memory peak: a CPU fallback on a GPU node
+            # (issue 15: GPTQ TTA silently on the CPU) shows on the materialization itself
+            if result.info.get("devices"):
+                md["devices"] = ", ".join(str(d) for d in result.info["devices"])
+            if result.info.get("gpu_peak_gib") is not None:
+                md["gpu_peak_gib"] = float(result.info["gpu_peak_gib"])
             # --- plots (assets/plots.py): every training step's train/validation loss curves
             if "history" in result.paths:
                 from arena_assets.assets.plots import loss_curves_metadata

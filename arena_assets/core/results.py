@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,29 @@ class StepResult:
         return res
 
 
+def cuda_peak_gib() -> float | None:
+    """Peak GPU memory allocated by this process since its start or the last
+    :func:`reset_cuda_peak` (GiB; the largest over its GPUs), or None when it never used CUDA.
+
+    Why here and without importing torch: every step writes result.json through
+    :func:`step_output`, on any backend, so every step on a GPU records its peak; a CPU-only
+    process (or one that never imported torch) records nothing."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    return round(peak / 2**30, 3)
+
+
+def reset_cuda_peak() -> None:
+    """Start a new peak (:func:`cuda_peak_gib`): the local in-process backend runs many steps in
+    one process, and each step's peak must be its own."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
 @contextlib.contextmanager
 def step_output(out_dir: str | os.PathLike[str], step: str) -> Iterator[tuple[Path, StepResult]]:
     """Stage ``out_dir``; yield ``(tmp_dir, result)``; on success write result.json and rename.
@@ -74,6 +98,9 @@ def step_output(out_dir: str | os.PathLike[str], step: str) -> Iterator[tuple[Pa
     with staged_dir(final) as tmp:
         yield tmp, result
         result.timings.setdefault("wall_s", round(time.time() - t0, 3))
+        peak = cuda_peak_gib()
+        if peak is not None:
+            result.info.setdefault("gpu_peak_gib", peak)
         result.info.setdefault("host", socket.gethostname())
         result.info.setdefault("python", platform.python_version())
         result.info.setdefault("pid", os.getpid())

@@ -158,6 +158,19 @@ class TrainSettings(_Frozen):
     ceiling (docs/gpu.md); every new slab length compiles once, so pair it with
     ``packing_slab_tokens`` when rows have one length, or expect a compile per length bucket."""
 
+    @model_validator(mode="after")
+    def _slab_holds_a_batch(self) -> "TrainSettings":
+        """A fixed packed slab must hold a whole batch of rows at their longest: refused at load
+        time, not after hours of training at the first long batch (``pack`` raises then)."""
+        slab = self.packing_slab_tokens
+        if self.packing and slab is not None and slab < self.per_device_batch_size * self.max_length:
+            raise ValueError(
+                f"packing_slab_tokens={slab} cannot hold a batch of per_device_batch_size="
+                f"{self.per_device_batch_size} rows of max_length={self.max_length} tokens; set it to at "
+                f"least {self.per_device_batch_size * self.max_length} or leave it null (slab = the batch's tokens)"
+            )
+        return self
+
 
 class FormatSettings(_Frozen):
     """How a row becomes a model input (see gpu/formatting.py)."""
@@ -262,6 +275,11 @@ class QuantSettings(_Frozen):
     """1st place: 128 calibration texts (settings/first_place.example.yaml)."""
     calibration_max_length: int = 256
     """1st place: seqlen 2100."""
+    gptq_backend: str = speed_only("auto", "which kernel runs the same quantized weights")
+    """GPTQModel's kernel (``gptqmodel.utils.backend.BACKEND``), saved with the model so TTA loads
+    it the same way. ``auto`` lets GPTQModel choose; on Hopper it may pick a CUDA kernel that is
+    compiled with nvcc at first use. ``gptq_triton`` (TritonV2) needs no compiler and ran the 9B
+    shape at 0.98x bf16 on an H200 (docs/gpu.md)."""
     python: str | None = speed_only(None, "which interpreter runs the step, not what it computes")
     """Interpreter of the GPTQ environment (GPTQModel pins protobuf>=7, Dagster <7).
     None: ``$ARENA_QUANT_PYTHON`` or ``.venv-quant/bin/python`` when present."""
@@ -287,7 +305,8 @@ class InferSettings(_Frozen):
     communication): None = every GPU the job sees; 1 = one process."""
     compile: bool = speed_only(True, "torch.compile of the same layers")
     """CUDA with ``arena_flex``: ``torch.compile`` each decoder layer once for the fixed slab shape
-    (about a minute of warm-up on an H100; 0.46 -> 0.64 of the bf16 ceiling, docs/gpu.md)."""
+    (about a minute of warm-up on an H100; 0.46 -> 0.64 of the bf16 ceiling, docs/gpu.md).
+    bf16/fp16 models only: a GPTQ or bitsandbytes model runs its own kernels uncompiled."""
 
 
 class EnsembleSettings(_Frozen):

@@ -97,25 +97,28 @@ STEPS: dict[str, StepDef] = {
         also=("arena_assets.core.folds:split_fold", "arena_assets.core.folds:write_folds",
               "arena_assets.core.folds:read_folds", "arena_assets.core.folds:folds_filename"),
     ),
-    "post_pretrain": StepDef("arena_assets.gpu.pretrain:post_pretrain", 3),
+    # 4: a tiny (random-init) base is built in its spec's dtype on the step's device (issue 15)
+    "post_pretrain": StepDef("arena_assets.gpu.pretrain:post_pretrain", 4),
     "teacher": StepDef(
-        "arena_assets.gpu.train:train_teacher", 3,
+        # 4: under fixed packed slabs the final evaluation batches hold per_device_batch_size rows
+        "arena_assets.gpu.train:train_teacher", 4,
         # the OOF length; train_teacher never reads it (the teacher_oof asset may pass
         # s.teacher.oof_length as teacher_oof's max_length: then STEPS["teacher_oof"].passes says so)
         unread=("cfg.oof_max_length",),
     ),
     "teacher_oof": StepDef(
-        "arena_assets.gpu.predict:teacher_oof", 2, passes={"max_length": "teacher.oof_length"},
+        # 3: a quantized model's layers are never compiled (issue 15)
+        "arena_assets.gpu.predict:teacher_oof", 3, passes={"max_length": "teacher.oof_length"},
         # OOF probabilities are raw (the student distils them); no FP8 swap for teachers; the
         # length is the teacher's (passed as max_length), not the inference one
         unread=("infer.apply_calibration", "infer.fp8", "infer.max_length"),
     ),
     "student": StepDef(
-        "arena_assets.gpu.train:train_student", 2, bind={"cfg": "student"},
+        "arena_assets.gpu.train:train_student", 3, bind={"cfg": "student"},  # 3: as teacher's 4
         unread=("cfg.train.label_smoothing",),  # a student smooths through kd.label_smoothing
     ),
     "baseline": StepDef(
-        "arena_assets.gpu.train:train_student", 2, bind={"cfg": "baseline"}, needs="student",
+        "arena_assets.gpu.train:train_student", 3, bind={"cfg": "baseline"}, needs="student",
         # the asset passes no teacher OOF: the CE-only student never looks at the KD weights
         unread=("cfg.train.label_smoothing", "cfg.kd.alpha", "cfg.kd.mse_weight", "cfg.kd.cos_weight",
                 "cfg.kd.teacher_families"),
@@ -124,13 +127,16 @@ STEPS: dict[str, StepDef] = {
         # 2: fitted on the fold model's TTA logits of its held-out rows (the logits the submissions
         # divide by T), no longer on the training step's non-TTA valid_predictions (issue 15).
         # apply_calibration decides whether the submissions apply T, never what T is.
-        "arena_assets.gpu.calibrate:calibrate", 2, unread=("cfg.merged_temperature", "infer.apply_calibration"),
+        "arena_assets.gpu.calibrate:calibrate", 3, unread=("cfg.merged_temperature", "infer.apply_calibration"),
     ),
-    "predict": StepDef("arena_assets.gpu.predict:fold_submission", 2),
-    "average": StepDef("arena_assets.gpu.average:average_adapters", 1),
-    "merge": StepDef("arena_assets.gpu.average:merge_adapter", 1, unread=("cfg.max_iter",)),
-    "quantize": StepDef("arena_assets.gpu.quantize:quantize", 2),
-    "tta": StepDef("arena_assets.gpu.predict:tta_submission", 2),
+    "predict": StepDef("arena_assets.gpu.predict:fold_submission", 3),
+    # 2: bases for merging (mean_deltas, merge) load on the step's GPU, not its CPU (issue 15)
+    "average": StepDef("arena_assets.gpu.average:average_adapters", 2),
+    "merge": StepDef("arena_assets.gpu.average:merge_adapter", 2, unread=("cfg.max_iter",)),
+    # 3: GPTQModel's kernel named by quant.gptq_backend and saved with the model
+    "quantize": StepDef("arena_assets.gpu.quantize:quantize", 3),
+    # 3 (and teacher_oof, calibration, predict): a quantized model's layers are never compiled
+    "tta": StepDef("arena_assets.gpu.predict:tta_submission", 3),
     # 2: CV table from the calibration step; CV weights with a noise-scaled temperature and a cap;
     # the seed's fallback to the TTA submission (issue 15)
     "ensemble": StepDef("arena_assets.assets.ensemble:build_ensemble", 2),

@@ -230,10 +230,14 @@ def _read_spec(directory: Path) -> Any:
 
 def _load_base(path: str | os.PathLike[str]):
     """The base sequence classifier for merging: UNQUANTIZED (a QLoRA spec's 4/8-bit base would
-    make the merge lossy), in the spec's dtype (else the saved one), on CPU, eager attention for
-    Gemma-2 (sdpa drops its softcapping; the merge does not care, the probe forward does).
-    A pointer directory (``arena_base.json``) is followed to the real checkpoint."""
+    make the merge lossy), in the spec's dtype (else the saved one), on this process's device
+    (``models.device()``: its GPU, else the CPU: a 9B merge and its probe forward on a GPU node's
+    CPU took minutes), eager attention for Gemma-2 (sdpa drops its softcapping; the merge does
+    not care, the probe forward does). A pointer directory (``arena_base.json``) is followed to
+    the real checkpoint."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from arena_assets.gpu.models import device
 
     p = Path(path)
     spec = _read_spec(p)
@@ -246,7 +250,7 @@ def _load_base(path: str | os.PathLike[str]):
     }
     if str(getattr(config, "model_type", "")).startswith("gemma"):
         kwargs["attn_implementation"] = "eager"
-    model = AutoModelForSequenceClassification.from_pretrained(p, **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(p, **kwargs).to(device())
     model.eval()
     return model
 
@@ -266,6 +270,7 @@ def _probe_inputs(model, n: int = 2, length: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
     ids = torch.randint(low=min(5, vocab - 1), high=vocab, size=(n, length), generator=g)
+    ids = ids.to(next(model.parameters()).device)  # the model's device (``_load_base``)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -412,7 +417,8 @@ def _mean_deltas(dirs: list[Path], tmp: Path, result: StepResult) -> None:
             "n_heads": float(len(heads)),
         }
     )
-    result.info.update({"base_model": str(base_path), "copied_files": copied})
+    result.info.update({"base_model": str(base_path), "copied_files": copied,
+                        "devices": sorted({str(q.device) for q in merged.parameters()})})
     result.timings["average_s"] = round(time.time() - t0, 3)
 
 
@@ -487,6 +493,7 @@ def merge_adapter(
                     "source": "adapter",
                     "base_model": acfg["base_model_name_or_path"],
                     "dtype": str(next(merged.parameters()).dtype),
+                    "devices": sorted({str(q.device) for q in merged.parameters()}),
                 }
             )
             log.info("merged %s into its base (max |logit diff| on a probe %.2e)", src, diff)

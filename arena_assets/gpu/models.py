@@ -165,8 +165,13 @@ def train_word_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length
 
 
 # ------------------------------------------------------------------------------ tiny models
-def build_tiny(cfg: Any, tokenizer: Any, attn_implementation: str = "eager") -> Any:
-    """A random-init 3-label sequence classifier (Gemma-2 or Llama) sized by ``TinyModelConfig``."""
+def build_tiny(cfg: Any, tokenizer: Any, attn_implementation: str = "eager", dtype: str | None = None) -> Any:
+    """A random-init 3-label sequence classifier (Gemma-2 or Llama) sized by ``TinyModelConfig``,
+    built in ``dtype`` (``ModelSpec.dtype``; None: float32) on this process's device.
+
+    Why build where it runs: a "tiny" config at a real width (the GPU end-to-end run: Llama-3-70B
+    width, Gemma-2-9B width) was initialised in float32 on the CPU and saved as float32 — 7 GB and
+    tens of seconds for two 70B-width layers before a 4-bit load threw most of it away."""
     import torch
     from transformers import (
         Gemma2Config,
@@ -203,7 +208,8 @@ def build_tiny(cfg: Any, tokenizer: Any, attn_implementation: str = "eager") -> 
     attention_choice(config.model_type, attn_implementation, config)
     _register_if_ours(attn_implementation)
     config._attn_implementation = attn_implementation
-    return cls(config)
+    with torch.device(device()):
+        return cls._from_config(config, dtype=_dtype(dtype) or torch.float32)
 
 
 # ------------------------------------------------------------------------------ attention

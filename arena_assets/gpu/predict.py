@@ -110,7 +110,7 @@ def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: 
 
         if uses_flex(model):  # packed slabs: no pad tokens, block-sparse flex attention
             slab = max(int(infer.slab_tokens), length)
-            if infer.compile:
+            if infer.compile and not is_quantized(model):
                 from arena_assets.gpu.fast import compile_layers
 
                 compile_layers(model, dynamic=False)  # idempotent; one shape: the slab
@@ -131,6 +131,14 @@ def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: 
         return z
     zs = predict_logits(model, tokenizer, df, swap=True, desc=f"{desc} (A/B swapped)", **kw)
     return 0.5 * (z + swap_probs(zs))
+
+
+def is_quantized(model: Any) -> bool:
+    """A GPTQ or bitsandbytes model. Its layers are never compiled (``InferSettings.compile``):
+    GPTQModel's Triton kernels autotune inside ``torch.compile``, and on the H200 the GPTQ TTA
+    had not finished compiling after minutes where the bf16 model compiled in seconds (issue 15)."""
+    return getattr(model, "hf_quantizer", None) is not None or bool(
+        getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
 
 
 def prediction_frame(ids: Any, logits: np.ndarray, temperature: float = 1.0) -> Any:

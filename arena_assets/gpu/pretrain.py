@@ -167,14 +167,16 @@ def _post_pretrain(
             if not tables:
                 raise ValueError("a tiny family needs text (corpus or external) to train its tokenizer")
             tok = train_word_tokenizer(corpus_texts(tables, tf), spec.tiny.vocab_size, spec.tiny.max_position_embeddings)
-            model = build_tiny(spec.tiny, tok, spec.attn_implementation)
+            model = build_tiny(spec.tiny, tok, spec.attn_implementation, spec.dtype)
             save_classifier(model, tok, tf, init)
             write_spec(spec, init)
             res.info["built"] = {
                 "tiny": spec.tiny.model_dump(),
                 "vocab_size": len(tok),
+                "dtype": spec.dtype,
                 **attention_choice(model.config.model_type, spec.attn_implementation, model.config),
             }
+            del model  # training re-loads it from `init` (QLoRA, LoRA): free its memory first
             if corpus and external is not None:
                 ext_ids = set(read_table(external)["id"].astype(str))
                 # the corpus may hold the external table itself (the asset passes it for its text)

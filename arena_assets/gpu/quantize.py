@@ -262,13 +262,17 @@ def _count_quantized(model: Any) -> dict[str, int]:
     import torch
 
     n_lin = sum(1 for m in model.modules() if type(m) is torch.nn.Linear)
+    # GPTQModel's kernels (TorchLinear, TritonV2Linear, MarlinLinear, ...) hold a packed
+    # ``qweight``; bitsandbytes' int8 layers are Linear8bitLt. Matching class names alone missed
+    # TritonV2Linear: the H200 run recorded 0 quantized layers for a GPTQ model (issue 15).
     n_q = sum(
         1
         for m in model.modules()
         if isinstance(m, torch.nn.Module)
         and type(m) is not torch.nn.Linear
-        and any(
-            h in type(m).__name__ for h in ("QuantLinear", "TorchLinear", "Linear8bit", "QLinear")
+        and (
+            hasattr(m, "qweight")
+            or any(h in type(m).__name__ for h in ("QuantLinear", "Linear8bit", "QLinear"))
         )
     )
     return {"plain_linear_modules": n_lin, "quantized_linear_modules": n_q}
@@ -304,6 +308,7 @@ def _quantize_gptq(
         model_seqlen=max(len(x) for x in examples),
         desc_act=False,
         sym=True,
+        backend=cfg.gptq_backend,
     )
     model = AutoModelForSequenceClassification.from_pretrained(
         str(model_dir), quantization_config=qcfg, **_load_kwargs(model_dir)
@@ -319,13 +324,28 @@ def _quantize_gptq(
             else:
                 qc.dataset = None
     model.save_pretrained(out)
+    _save_backend(out, cfg.gptq_backend)
     import gptqmodel
 
     return model, {
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "library": f"gptqmodel {gptqmodel.__version__}",
+        "backend": cfg.gptq_backend,
     }
+
+
+def _save_backend(out: Path, backend: str) -> None:
+    """Write the kernel choice into the saved ``quantization_config`` (transformers reads it back
+    as ``GPTQConfig.backend`` when TTA loads the model).
+
+    Why: optimum's ``to_dict`` drops ``backend``, so the saved model said ``auto`` and on the H200
+    TTA loaded it with GPTQModel's Marlin kernel, which first compiles a CUDA extension with nvcc
+    (about two minutes, in every fresh process) although the step had quantized with TritonV2."""
+    f = out / "config.json"
+    config = json.loads(f.read_text())
+    config.setdefault("quantization_config", {})["backend"] = backend
+    f.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _quantize_bnb8(model_dir: Path, out: Path, cfg: QuantSettings, head: str) -> tuple[Any, dict]:

@@ -133,7 +133,9 @@ def _training_args(cfg: Any, output_dir: str, save: bool, has_eval: bool) -> Any
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=cfg.per_device_batch_size,
-        per_device_eval_batch_size=max(cfg.per_device_batch_size, 16),
+        # a fixed packed slab holds per_device_batch_size rows (TrainSettings checks it), not 16
+        per_device_eval_batch_size=(cfg.per_device_batch_size if cfg.packing and cfg.packing_slab_tokens
+                                    else max(cfg.per_device_batch_size, 16)),
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,

@@ -30,7 +30,7 @@ from typing import Any
 
 from dagster import ConfigurableResource, Failure, MetadataValue
 
-from arena_assets.core.results import StepResult
+from arena_assets.core.results import StepResult, reset_cuda_peak
 from arena_assets.core.settings import Settings, StepNeeds
 from arena_assets.resources.settings import SettingsResource
 
@@ -100,6 +100,7 @@ class LocalBackend:
         kwargs: dict[str, Any], out_dir: Path,
     ) -> StepResult:
         t0 = time.time()
+        reset_cuda_peak()  # several steps share this process: each records its own GPU peak
         try:
             fn(*args, out_dir=out_dir, **kwargs)
         except Exception as e:

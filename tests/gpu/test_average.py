@@ -239,3 +239,56 @@ def test_refuses_different_init_seeds(setup, tmp_path):
     finally:
         for d in adapters[:2]:
             (d / average.LORA_INIT_FILE).unlink()
+
+
+# --- issue 15: the merge runs where the step runs, and says where ---------------------------------
+def test_merge_and_mean_deltas_run_on_the_steps_device_and_record_it(
+    setup: tuple[Path, Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 9B merge and its probe forward on a GPU node's CPU took minutes: the base is loaded on
+    ``models.device()`` and result.json records the devices of the merged weights, so a CPU
+    fallback shows (["cpu"] here, ["cuda:0"] on a GPU)."""
+    from arena_assets.gpu import models
+
+    real_device = models.device
+    asked: list[str] = []
+
+    def step_device() -> torch.device:
+        asked.append("device")
+        return real_device()
+
+    monkeypatch.setattr(models, "device", step_device)
+    want = [str(real_device())]
+    _, _, adapters = setup
+    avg = average.average_adapters(adapters[:2], AverageSettings(), out_dir=tmp_path / "avg")
+    m = average.merge_adapter(
+        avg.path("adapter"), [1.0], CalibrationSettings(), out_dir=tmp_path / "m"
+    )
+    assert m.info.get("devices") == want and m.metrics["merge_max_abs_diff"] < 1e-4, m.info
+    assert json.loads((tmp_path / "m" / "result.json").read_text())["info"]["devices"] == want
+    assert asked, "the base was not placed on the step's device"
+
+    asked.clear()
+    d = average.average_adapters(
+        adapters[:2], AverageSettings(method="mean_deltas"), out_dir=tmp_path / "d"
+    )
+    assert d.info.get("devices") == want, d.info
+    assert asked, "mean_deltas did not place the base on the step's device"
+    assert json.loads((tmp_path / "d" / "result.json").read_text())["info"]["devices"] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merge_runs_on_the_gpu(setup: tuple[Path, Path, list[Path]], tmp_path: Path) -> None:
+    """On a GPU node the merge and its probe forward run on the GPU (the probe inputs follow the
+    model there), and the merged model saved from the GPU gives the unmerged logits."""
+    _, base, adapters = setup
+    avg = average.average_adapters(adapters[:2], AverageSettings(), out_dir=tmp_path / "avg")
+    m = average.merge_adapter(
+        avg.path("adapter"), [1.0], CalibrationSettings(), out_dir=tmp_path / "m"
+    )
+    assert m.info["devices"] == ["cuda:0"], m.info
+    assert m.metrics["merge_max_abs_diff"] < 1e-3
+    x = _inputs(base)
+    unmerged = _peft_logits(base, avg.path("adapter"), x)
+    assert (unmerged - _full_logits(m.path("model"), x)).abs().max().item() < 1e-3

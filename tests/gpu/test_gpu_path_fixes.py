@@ -7,10 +7,15 @@
   its own GPU;
 * quantized models load onto the step's device, and result.json records the devices;
 * teacher OOF is predicted at the teachers' training length by default;
-* a freshly initialised classification head is the same in every fold.
+* a freshly initialised classification head is the same in every fold;
+* a tiny base is built in ``ModelSpec.dtype`` on the step's device (float32 weights unchanged),
+  and post-pretraining saves it in that dtype;
+* with a fixed packed slab the eval batch is the training batch (16 eval rows overflowed it);
+* every step records its own GPU memory peak (none on CPU), and the materialization shows the
+  peak and the devices.
 
 Everything runs on tiny random models on CPU; the GPU-only behaviour is checked through the pure
-helpers that decide it.
+helpers that decide it (or faked CUDA counters), plus one CUDA-only test (marked ``gpu``).
 """
 
 from __future__ import annotations
@@ -317,3 +322,227 @@ def test_checkpoint_fingerprint_ignores_speed_only_settings(tmp_path) -> None:  
     _check_fingerprint(tmp_path, fp(per_device_batch_size=8, grad_accum=2, logging_steps=1, save_steps=7))
     with pytest.raises(Exception, match="belongs to other settings"):
         _check_fingerprint(tmp_path, fp(per_device_batch_size=16, grad_accum=1, learning_rate=1e-4))
+
+
+# ------------------------------------------------------------------------ 9. tiny models in the spec's dtype
+def test_build_tiny_builds_in_the_spec_dtype_where_the_step_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A "tiny" config at a real width (the GPU end-to-end run) was initialised in float32 on the
+    CPU, then saved as float32: ``build_tiny`` now builds in ``ModelSpec.dtype`` on
+    ``models.device()``. The float32 default must still give the very same weights (same seed)
+    as the plain constructor, so existing tiny artifacts and their versions do not move."""
+    import torch
+
+    from arena_assets.core.settings import TinyModelConfig
+    from arena_assets.gpu import models
+    from arena_assets.gpu.models import build_tiny, train_word_tokenizer
+
+    cfg = TinyModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=16, intermediate_size=64, max_position_embeddings=128)
+    tok = train_word_tokenizer(["w1 w2 w3 good bad"], 64, 128)
+    for arch in ("gemma2", "llama"):
+        c = cfg.model_copy(update={"arch": arch})
+        f32 = build_tiny(c, tok)
+        assert {p.dtype for p in f32.parameters()} == {torch.float32}, arch
+        torch.manual_seed(c.seed)
+        plain = type(f32)(f32.config)  # what build_tiny returned before issue 15
+        want = plain.state_dict()
+        got = f32.state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), arch
+
+        bf16 = build_tiny(c, tok, "eager", "bfloat16")
+        assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}, arch
+        assert {str(p.device) for p in bf16.parameters()} == {str(models.device())}
+
+    # built where the step runs: whatever models.device() says (meta here: no memory, no CUDA needed)
+    monkeypatch.setattr(models, "device", lambda: torch.device("meta"))
+    assert {p.device.type for p in build_tiny(cfg, tok, "eager", "bfloat16").parameters()} == {"meta"}
+
+
+def test_tiny_post_pretrain_saves_a_base_in_the_spec_dtype(data: dict[str, Any], tmp_path: Path) -> None:
+    """The tiny base written by post-pretraining is in ``ModelSpec.dtype`` on disk (a bf16 spec
+    saved float32 weights: twice the bytes, and a float32 load downstream), and result.json says
+    which dtype it was built in."""
+    from safetensors import safe_open
+
+    from arena_assets.core.settings import ModelSpec, PostPretrainSettings
+    from arena_assets.gpu.pretrain import post_pretrain
+    from tests.gpu.conftest import FMT, TINY
+
+    spec = ModelSpec(tiny=TINY, dtype="bfloat16")
+    r = post_pretrain(spec, PostPretrainSettings(enabled=False), FMT, None, [data["train"]], out_dir=tmp_path / "pp")
+    d = r.path("model")
+    files = sorted(d.glob("*.safetensors"))
+    assert files, sorted(p.name for p in d.iterdir())
+    dtypes = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            dtypes |= {sf.get_slice(k).get_dtype() for k in sf.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert dtypes == {"BF16"}, dtypes
+    assert json.loads((d / "config.json").read_text()).get("dtype") == "bfloat16"
+    assert r.info["built"]["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "pp" / "result.json").read_text())["info"]["built"]["dtype"] == "bfloat16"
+
+
+# ------------------------------------------------------------------------ 10. packed eval batches
+def test_packed_eval_batches_fit_a_fixed_slab() -> None:
+    """With a fixed packed slab the Trainer's eval batch is the training batch: 16 eval rows
+    (the old ``max(bs, 16)``) do not fit a slab sized for ``per_device_batch_size`` rows and
+    ``pack`` raised "do not fit a slab" at the first evaluation."""
+    import math
+
+    from arena_assets.gpu.train import _training_args, fit
+
+    bs, max_len = 2, 20  # _random_dataset rows are 6..19 tokens: a batch of 2 always fits 40
+    cfg = TrainSettings(
+        learning_rate=1e-3, per_device_batch_size=bs, max_length=max_len, packing=True,
+        packing_slab_tokens=bs * max_len, max_steps=2, warmup_steps=0, logging_steps=1, eval_steps=0,
+        group_by_length=False, lr_scheduler="constant", seed=3,
+    )
+    valid = _random_dataset(20, 1)
+    assert sum(len(valid[i]["input_ids"]) for i in range(16)) > bs * max_len  # 16 rows overflow the slab
+    model, tok = _tiny()
+    kd = {"alpha": 0.0, "temperature": 1.0, "label_smoothing": 0.0}
+    _, info = fit("test", model, tok, cfg, _random_dataset(16, 0), valid, kd, None, {})
+    assert info["global_step"] == 2
+    assert math.isfinite(info["final_eval_loss"]) and 0.0 < info["final_eval_loss"] < 3.0, info
+    # padded batches (no fixed slab) keep the larger eval batch
+    args = _training_args(cfg.model_copy(update={"packing_slab_tokens": None}), "/tmp/unused", save=False, has_eval=True)
+    assert args.per_device_eval_batch_size == 16
+
+
+# ------------------------------------------------------------------------ 11. GPU memory peak per step
+def _step_with_peak(gib: float, devices: list[str], peaks: dict[int, int], *, out_dir: Path) -> Any:
+    """A step that 'allocates' ``gib`` on fake GPU 1 (``peaks`` stands in for torch's counters)."""
+    from arena_assets.core.results import StepResult, step_output
+
+    with step_output(out_dir, "peak") as (_tmp, res):
+        peaks[1] = max(peaks[1], int(gib * 2**30))
+        res.info["devices"] = devices
+    return StepResult.read(out_dir)
+
+
+def test_each_step_records_its_own_gpu_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step that used CUDA records its peak GPU memory in result.json (the largest over its
+    GPUs), the in-process backend starts a new peak per step (one process runs many steps), and
+    the materialization's metadata shows the peak and the devices: a CPU fallback on a GPU node
+    is visible in the UI. torch's CUDA counters are faked, so this runs on CPU."""
+    import torch
+
+    from arena_assets.assets.common import Materialization
+    from arena_assets.core import artifacts
+    from arena_assets.core.settings import StepNeeds
+    from arena_assets.resources.compute import LocalBackend
+
+    peaks = {0: int(0.125 * 2**30), 1: 0}
+    resets: list[int] = []
+
+    def reset(i: int = 0) -> None:
+        resets.append(i)
+        peaks[i] = 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i=0: peaks[i])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+
+    backend = LocalBackend(tmp_path, "inprocess")
+    big_out = artifacts.new_version_dir(tmp_path, "big")
+    big = backend.run(None, "big", _step_with_peak, [3.0, ["cuda:1"], peaks], {}, big_out, StepNeeds())
+    assert sorted(resets) == [0, 1]  # a new peak on every GPU before the step
+    assert big.info["gpu_peak_gib"] == 3.0
+    assert json.loads((big_out / "result.json").read_text())["info"]["gpu_peak_gib"] == 3.0
+
+    small_out = artifacts.new_version_dir(tmp_path, "small")
+    small = backend.run(None, "small", _step_with_peak, [0.5, ["cuda:1"], peaks], {}, small_out, StepNeeds())
+    assert small.info["gpu_peak_gib"] == 0.5  # not the previous step's 3.0
+
+    m = Materialization(root=tmp_path, key="big", partition=None, code_version="cv", out_dir=big_out)
+    md = m.metadata(big)
+    assert md["devices"] == "cuda:1" and md["gpu_peak_gib"] == 3.0
+
+
+def test_a_cpu_step_records_no_gpu_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CUDA there is no peak to report: no ``gpu_peak_gib`` key (not a misleading 0), and
+    the metadata has no GPU peak but still the devices."""
+    import torch
+
+    from arena_assets.assets.common import Materialization
+    from arena_assets.core import artifacts
+    from arena_assets.core.results import cuda_peak_gib, reset_cuda_peak
+    from arena_assets.core.settings import StepNeeds
+    from arena_assets.resources.compute import LocalBackend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_peak_gib() is None
+    reset_cuda_peak()  # a no-op without CUDA, not an error
+    out = artifacts.new_version_dir(tmp_path, "cpu")
+    r = LocalBackend(tmp_path, "inprocess").run(None, "cpu", _step_with_peak, [0.0, ["cpu"], {1: 0}], {}, out,
+                                                StepNeeds())
+    assert "gpu_peak_gib" not in r.info
+    assert "gpu_peak_gib" not in json.loads((out / "result.json").read_text())["info"]
+    md = Materialization(root=tmp_path, key="cpu", partition=None, code_version="cv", out_dir=out).metadata(r)
+    assert md["devices"] == "cpu" and "gpu_peak_gib" not in md
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_a_real_gpu_step_records_its_peak(tmp_path: Path) -> None:
+    """On a real GPU: a step that allocates 256 MiB records a peak of at least 0.25 GiB; the next
+    step in the same process, which allocates 1 MiB, records its own small peak."""
+    import torch
+
+    from arena_assets.core import artifacts
+    from arena_assets.core.settings import StepNeeds
+    from arena_assets.resources.compute import LocalBackend
+
+    def alloc(mib: int, *, out_dir: Path) -> Any:
+        from arena_assets.core.results import StepResult, step_output
+
+        with step_output(out_dir, "alloc") as (_tmp, res):
+            x = torch.empty(mib * 2**20, dtype=torch.uint8, device="cuda")
+            x.fill_(1)
+            res.info["devices"] = [str(x.device)]
+            del x
+        return StepResult.read(out_dir)
+
+    torch.cuda.init()
+    base_gib = max(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+    backend = LocalBackend(tmp_path, "inprocess")
+    big = backend.run(None, "big", alloc, [256], {}, artifacts.new_version_dir(tmp_path, "big"), StepNeeds())
+    small = backend.run(None, "small", alloc, [1], {}, artifacts.new_version_dir(tmp_path, "small"), StepNeeds())
+    assert big.info["gpu_peak_gib"] >= 0.25, big.info
+    assert small.info["gpu_peak_gib"] < base_gib + 0.05 < big.info["gpu_peak_gib"], (base_gib, small.info)
+
+
+# ------------------------------------------------- quantized models: TTA never compiles their layers
+@pytest.mark.parametrize("quantized", [False, True])
+def test_tta_compiles_layers_of_plain_models_only(quantized: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``InferSettings.compile`` compiles the decoder layers of a bf16 model before the packed
+    TTA pass, never those of a GPTQ/bitsandbytes model. Why: on the H200 the GPTQ model's TTA
+    (its Triton kernels autotune inside ``torch.compile``) had not finished after minutes, where the
+    bf16 fold models compiled in seconds (benchmarks/results/gpu_e2e.json's notes).
+
+    The packed path runs for real on CPU (arena_flex's eager reference); only the GPU test
+    (``_use_fast``: "is the model on CUDA") is answered yes, and ``compile_layers`` is a spy."""
+    from arena_assets.core.settings import InferSettings
+    from arena_assets.gpu import fast, packing, predict
+    from tests.gpu.test_fast import _tiny
+
+    df, tok, model = _tiny(12)
+    packing.register_attention()
+    model.config._attn_implementation = packing.ATTN_NAME
+    if quantized:  # what transformers sets on a GPTQ/bitsandbytes model
+        model.hf_quantizer = object()
+    compiled: list[Any] = []
+    monkeypatch.setattr(predict, "_use_fast", lambda m: True)
+    monkeypatch.setattr(fast, "compile_layers", lambda m, dynamic=False: compiled.append(m))
+
+    class Fmt:
+        prompt_max_tokens = 12
+
+    infer = InferSettings(max_length=96, tta=True, slab_tokens=512, compile=True)
+    z = predict.tta_logits(model, tok, df, Fmt, infer)
+    assert z.shape == (len(df), 3) and np.isfinite(z).all()
+    assert predict.is_quantized(model) is quantized
+    assert compiled == ([] if quantized else [model])

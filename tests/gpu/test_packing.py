@@ -137,6 +137,6 @@ def test_training_settings_pick_the_collator() -> None:
     from arena_assets.gpu.train import make_collator
 
     assert isinstance(make_collator(TrainSettings(), 0), PadCollator)
-    c = make_collator(TrainSettings(packing=True, packing_slab_tokens=512), 0)
+    c = make_collator(TrainSettings(packing=True, packing_slab_tokens=512, per_device_batch_size=2, max_length=256), 0)
     assert isinstance(c, P.PackedCollator)
     assert c([{"input_ids": [1, 2, 3]}])["input_ids"].shape == (1, 512)

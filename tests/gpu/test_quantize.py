@@ -334,5 +334,79 @@ def test_gptq_in_quant_env(trained, tmp_path):
     assert abs(got["ll"] - fp_ll) < 0.01, (got, fp_ll)
 
 
+@needs_quant_env
+def test_gptq_backend_setting_picks_the_kernel(
+    trained: tuple[Path, Path, Path, float], tmp_path: Path
+) -> None:
+    """``QuantSettings.gptq_backend`` reaches GPTQModel (issue 15: ``auto`` may pick a CUDA kernel
+    compiled with nvcc at first use on Hopper; ``gptq_torch`` needs no compiler). The quantize
+    step runs as the compute resource runs it (the quant env, the module's ``main``), with the
+    optimum quantizer's kernel choice recorded: the backend it was given and the quantized
+    linear class it built the body from (on CPU ``auto`` picks the same torch kernel, so the
+    backend passed is what tells the setting arrived).
+
+    Then the saved model is loaded the way TTA loads it (``models.load_classifier``) and must get
+    the same kernel: transformers rebuilds the saved ``quantization_config`` from optimum's
+    ``GPTQQuantizer.to_dict``, which has no ``backend`` key, so the model used to say ``auto``
+    and on the H200 TTA loaded it with Marlin, which compiles a CUDA extension first (the step
+    now writes the backend into config.json: ``quantize._save_backend``)."""
+    assert QPY is not None and Path(QPY).exists(), f"CI must provide the GPTQ environment ({QPY})"
+    mdir, train_pq, _, _ = trained
+    out = tmp_path / "v"
+    settings = QuantSettings(**QCFG, gptq_backend="gptq_torch").model_dump_json()
+    driver = textwrap.dedent(f"""
+        import json
+        from optimum.gptq.quantizer import GPTQQuantizer
+        from arena_assets.gpu.quantize import main
+
+        seen = []
+        select = GPTQQuantizer.select_quant_linear
+
+        def spy(self, *args, **kwargs):
+            got = select(self, *args, **kwargs)
+            seen.append({{"backend": str(getattr(self.backend, "value", self.backend)),
+                          "kernel": self.quant_linear.__name__}})
+            return got
+
+        GPTQQuantizer.select_quant_linear = spy
+        rc = main([{str(mdir)!r}, {str(out)!r}, "--calibration-table", {str(train_pq)!r},
+                   "--settings", {settings!r}])
+        print("SEEN " + json.dumps(seen))
+        raise SystemExit(rc)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
+    proc = subprocess.run(
+        [QPY, "-c", driver],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = StepResult.read(out)
+    qj = json.loads(res.path("quantization").read_text())
+    assert qj["method"] == "gptq" and qj["fallback_reason"] is None, qj
+    assert qj["head_unchanged"] and qj["quantized_linear_modules"] > 0
+    seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN "))[5:])
+    assert seen, "the optimum quantizer never selected a kernel"
+    assert {s["backend"] for s in seen} == {"gptq_torch"}, seen
+    assert {s["kernel"] for s in seen} == {"TorchLinear"}, seen  # GPTQModel 7.x's gptq_torch kernel
+    qdir = res.path("model")
+    assert json.loads((qdir / "config.json").read_text())["quantization_config"]["backend"] == "gptq_torch"
+    loader = driver.split("GPTQQuantizer.select_quant_linear = spy")[0] + textwrap.dedent(f"""
+        GPTQQuantizer.select_quant_linear = spy
+        from arena_assets.gpu.models import load_classifier
+        load_classifier({str(qdir)!r})
+        print("SEEN " + json.dumps(seen))
+    """)
+    proc = subprocess.run([QPY, "-c", loader], check=False, capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN "))[5:])
+    assert seen and {s["backend"] for s in seen} == {"gptq_torch"}, seen  # the saved kernel, not auto
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
