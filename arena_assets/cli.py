@@ -1,5 +1,5 @@
-"""``arena-assets`` command line: ``validate``, ``make-sample`` (and more subcommands registered
-in :data:`SUBCOMMANDS`).
+"""``arena-assets`` command line: ``validate``, ``make-sample``, ``home`` (and more subcommands
+registered in :data:`SUBCOMMANDS`).
 
 Why a registry: other parts add subcommands (``demo``) by adding one entry, ``name ->
 (add_arguments, run)``, without touching the parser logic. ``run(args) -> int`` returns the exit
@@ -46,8 +46,8 @@ def _fmt_summary(label: str, s: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------------------- validate
 def _validate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train", required=True, help="train.csv (Kaggle format)")
-    p.add_argument("--test", default=None, help="test.csv (Kaggle format)")
+    p.add_argument("--train", default=None, help="train.csv (Kaggle format)")
+    p.add_argument("--test", default=None, help="test.csv (Kaggle format); alone, only it is checked")
     p.add_argument("--external", default=None, help="external preference data (csv, jsonl, parquet)")
     p.add_argument("--out", default=None, help="also write the normalized parquet tables here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -59,6 +59,8 @@ def _validate_run(args: argparse.Namespace) -> int:
 
     from arena_assets.core.contract import ContractError, validate_files
 
+    if args.train is None and args.test is None and args.external is None:
+        raise ValueError("validate: give at least one of --train, --test, --external")
     # the readers log their warnings (for Dagster's run logs); here they are printed once, below
     contract_log = logging.getLogger("arena_assets.core.contract")
     level = contract_log.level
@@ -82,10 +84,11 @@ def _validate_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0
-    lines = _fmt_summary(f"train {args.train}", result["train"])
+    lines = _fmt_summary(f"train {args.train}", result["train"]) if "train" in result else []
     if "test" in result:
         lines += _fmt_summary(f"test {args.test}", result["test"])
-        lines.append(f"  ids shared by train and test: {result['train_test_id_overlap']}")
+        if "train_test_id_overlap" in result:
+            lines.append(f"  ids shared by train and test: {result['train_test_id_overlap']}")
     if "external" in result:
         lines += _fmt_summary(f"external {args.external}", result["external"])
     for w in result.get("written", []):
@@ -166,12 +169,81 @@ def _pools_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- home
+# Dagster reads an instance's config only from $DAGSTER_HOME/dagster.yaml; these are the ones the
+# repository ships (docs/team.md).
+INSTANCE_CONFIGS = {"local": "deploy/local/dagster.yaml", "team": "deploy/team/dagster.yaml"}
+DEFAULT_HOME = ".arena/dagster_home"
+
+
+def shipped_instance_config(kind: str = "local") -> Any:
+    """The path of the shipped instance config ``kind`` (local = SQLite, team = PostgreSQL)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / INSTANCE_CONFIGS[kind]
+
+
+def prepare_home(home: Any, kind: str = "local", force: bool = False) -> dict[str, str]:
+    """Put the shipped instance config ``kind`` into ``home`` (created if missing). An existing
+    dagster.yaml that differs is kept unless ``force`` (then it is saved as dagster.yaml.bak).
+    Returns ``{"home", "config", "source", "status"}``, status one of created | current |
+    differs | replaced."""
+    import shutil
+    from pathlib import Path
+
+    src = shipped_instance_config(kind)
+    home = Path(home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    if not target.exists():
+        status = "created"
+    elif target.read_bytes() == src.read_bytes():
+        status = "current"
+    elif force:
+        shutil.copy(target, home / "dagster.yaml.bak")
+        status = "replaced"
+    else:
+        status = "differs"
+    if status in {"created", "replaced"}:
+        tmp = home / ".dagster.yaml.tmp"
+        shutil.copy(src, tmp)
+        tmp.replace(target)
+    return {"home": str(home), "config": str(target), "source": str(src), "status": status}
+
+
+def _home_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dagster-home", default=None,
+                   help=f"the instance folder (default: $DAGSTER_HOME, else {DEFAULT_HOME})")
+    p.add_argument("--team", action="store_true",
+                   help="the team instance (PostgreSQL from $DAGSTER_PG_URL) instead of SQLite")
+    p.add_argument("--force", action="store_true", help="replace a dagster.yaml that differs (kept as .bak)")
+
+
+def _home_run(args: argparse.Namespace) -> int:
+    import os
+
+    home = args.dagster_home or os.environ.get("DAGSTER_HOME") or DEFAULT_HOME
+    r = prepare_home(home, "team" if args.team else "local", args.force)
+    if r["status"] == "differs":
+        print(f"warning: {r['config']} differs from the shipped {r['source']}; kept (--force replaces it, "
+              "keeping a .bak)", file=sys.stderr)
+    else:
+        print(f"{r['config']}: {r['status']} (from {r['source']})", file=sys.stderr)
+    if args.team and not os.environ.get("DAGSTER_PG_URL"):
+        print("warning: DAGSTER_PG_URL is not set; the team instance reads its PostgreSQL URL from it",
+              file=sys.stderr)
+    print(f"DAGSTER_HOME={r['home']}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "validate": ("check train/test (and external) files against the data contract", _validate_args, _validate_run),
     "make-sample": ("write the known-answer sample (train/test/external.csv, truth.json)", _sample_args, _sample_run),
     "demo": ("run the whole recipe on the bundled sample into a persistent DAGSTER_HOME", _demo_args, _demo_run),
     "pools": ("print (or --apply to $DAGSTER_HOME) the concurrency pool limit of the current settings",
               _pools_args, _pools_run),
+    "home": ("prepare a DAGSTER_HOME with the instance config the repository ships (SQLite, or --team)",
+             _home_args, _home_run),
 }
 """name -> (help, add_arguments, run). Add a subcommand by adding an entry."""
 

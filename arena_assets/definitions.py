@@ -4,15 +4,21 @@ The settings file (``$ARENA_SETTINGS`` or ``./arena.yaml``; defaults = the demo)
 definitions load: the model families become asset key prefixes, ``folds.n_folds`` the partitions,
 and each asset's code version the hash of the settings its step uses. Loading imports neither torch
 nor transformers (asset bodies import them), so the code server starts in seconds.
+
+``defs`` is loaded from the ``dg`` project's defs folder (``arena_assets/defs/``; ``[tool.dg]`` in
+pyproject.toml), so ``dg check defs``, ``dg dev`` and everything that names this module
+(workspace.yaml, ``dagster dev -m``, the Helm values) load the same thing. ``build_definitions``
+stays here for callers that pass another settings file or overrides (tests, the demo).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
-from dagster import Definitions
+from dagster import ComponentTree, Definitions
 
 from arena_assets.assets.automation import automation_sensor, conditions
 from arena_assets.assets.jobs import build_jobs
@@ -43,4 +49,13 @@ def build_definitions(settings_path: str | None = None, overrides: dict[str, Any
     )
 
 
-defs = build_definitions()
+def load_defs_folder() -> Definitions:
+    """Every definition under ``arena_assets/defs/`` (what ``dg.load_from_defs_folder`` returns;
+    the project root is given rather than searched for, so an installed wheel loads too)."""
+    import arena_assets.defs as defs_module
+
+    root = Path(__file__).resolve().parents[1]
+    return ComponentTree.from_module(defs_module=defs_module, project_root=root).build_defs()
+
+
+defs = load_defs_folder()

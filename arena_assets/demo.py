@@ -2,7 +2,7 @@
 persistent Dagster instance that ``dagster dev -h 127.0.0.1`` then shows with all its history.
 
 1. Generate the sample into the settings' input paths (``.arena/inputs/``) if it is missing.
-2. Prepare ``DAGSTER_HOME`` (``.arena/dagster_home``, with the repository's dagster.yaml).
+2. Prepare ``DAGSTER_HOME`` (``.arena/dagster_home``, with the shipped deploy/local/dagster.yaml).
 3. Materialize every recipe asset, all folds, with the local backend (assets/pipeline.py: real
    runs in the instance, wave by wave, the order a UI backfill follows).
 4. Print the per-fold CV log-loss table, the final submission path and, on the known-answer
@@ -51,11 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare_home(home: Path) -> Path:
-    """Create DAGSTER_HOME with the repository's dagster.yaml (kept if already there)."""
+    """Create DAGSTER_HOME with the shipped deploy/local/dagster.yaml (kept if already there)."""
     home.mkdir(parents=True, exist_ok=True)
     target = home / "dagster.yaml"
     if not target.exists():
-        src = REPO / "dagster.yaml"
+        src = REPO / "deploy" / "local" / "dagster.yaml"
         if src.exists():
             shutil.copy(src, target)
         else:

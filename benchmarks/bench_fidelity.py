@@ -64,8 +64,8 @@ def run_pipeline(work: Path, settings_path: Path, extra_inference: bool) -> tupl
 
     home = work / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
-    if (REPO / "dagster.yaml").exists():
-        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    if (REPO / "deploy/local/dagster.yaml").exists():  # the embedded instance config (SQLite)
+        shutil.copy(REPO / "deploy/local/dagster.yaml", home / "dagster.yaml")
     defs = build_definitions(str(settings_path))
     instance = DagsterInstance.from_config(str(home))
     t0 = time.time()

@@ -34,7 +34,9 @@ pipq() {
 # A stamp of the inputs makes a second run a no-op (seconds) when nothing changed.
 STAMP=.venv/.arena-setup-stamp
 want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16)-$TORCH_SPEC-$EXTRAS"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && .venv/bin/python -c "import arena_assets, torch, dagster, submitit" 2>/dev/null; then
+# dagster_postgres (the team instance, docs/team.md) and dagster_dg_cli (`dg check defs`) come with
+# the base install (pyproject.toml); an older .venv without them is brought up to date
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && .venv/bin/python -c "import arena_assets, torch, dagster, submitit, dagster_postgres, psycopg2, dagster_dg_cli" 2>/dev/null; then
   step ".venv is up to date"
 else
   step "pip install $TORCH_SPEC"
@@ -49,4 +51,4 @@ if [ "${SKIP_QUANT_ENV:-0}" != 1 ] && [ -f scripts/setup-quant-env.sh ]; then
   step "quantization environment"
   bash scripts/setup-quant-env.sh
 fi
-step "done: $(.venv/bin/python -c 'import torch, dagster, submitit; print(f"torch {torch.__version__}, dagster {dagster.__version__}, submitit {submitit.__version__}")')"
+step "done: $(.venv/bin/python -c 'import torch, dagster, submitit, dagster_postgres; print(f"torch {torch.__version__}, dagster {dagster.__version__}, dagster-postgres {dagster_postgres.__version__}, submitit {submitit.__version__}")')"

@@ -73,7 +73,7 @@ def write_session_files(root: Path) -> Path:
     make_sample(root / "inputs", **{k: cfg["sample"][k] for k in ("train_rows", "test_rows", "external_rows", "seed")})
     home = root / "dagster_home"
     home.mkdir(exist_ok=True)
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
     return path
 
 

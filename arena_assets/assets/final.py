@@ -24,6 +24,7 @@ from arena_assets.assets.common import (
     step_code_version,
 )
 from arena_assets.assets.ensemble import needs_fold_submissions
+from arena_assets.assets.folds import fold_table
 from arena_assets.assets.keys import (
     AVERAGED_LORA,
     FINAL_ENSEMBLE,
@@ -227,7 +228,12 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             fold_logloss_se=MetadataValue.json({str(k): (None if math.isnan(v) else v)  # no SE recorded: null
                                                 for k, v in info["fold_logloss_se"].items()}),
             fallback=MetadataValue.text(info.get("fallback") or "none"),
+            per_fold_table=fold_table(
+                [("cv_logloss_raw", "float"), ("cv_logloss", "float"), ("accuracy", "float")],
+                {int(k): (float(a), float(b), float(c)) for k, a, b, c in rows}),
         )
+        if d.get("rows") is not None:
+            md["dagster/row_count"] = int(d["rows"])  # the submission's rows (one per test id)
         if info.get("oof_logloss") is not None:
             md["oof_logloss"] = float(info["oof_logloss"])
         # --- plots (assets/plots.py): per-fold CV log-loss chart and inline text bars

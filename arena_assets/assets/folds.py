@@ -25,6 +25,22 @@ from arena_assets.core.settings import Settings
 from arena_assets.resources.settings import SettingsResource
 
 
+def fold_table(columns: list[tuple[str, str]], rows: dict[int, tuple[Any, ...]]) -> Any:
+    """A per-fold table as ``MetadataValue.table`` (sortable in the UI, typed columns): a ``fold``
+    column, then ``columns`` (name, type: int | float | string); NaN is written as null."""
+    import math
+
+    from dagster import TableColumn, TableRecord, TableSchema
+
+    def cell(v: Any) -> Any:
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    schema = TableSchema(columns=[TableColumn("fold", "int"), *(TableColumn(n, t) for n, t in columns)])
+    records = [TableRecord({"fold": int(k), **{n: cell(v) for (n, _), v in zip(columns, vals)}})
+               for k, vals in sorted(rows.items())]
+    return MetadataValue.table(records=records, schema=schema)
+
+
 def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
     """folds assets for these settings (``auto``: the automation conditions by role)."""
     parts = fold_partitions(settings)
@@ -59,8 +75,11 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
                   AssetCheckResult(check_name="folds_stratified", passed=ok2, metadata=d2)]
         m.commit(checks=checks)  # a split failing a blocking check is never what fold_data reads
         sizes = {str(k): int(v) for k, v in sorted(chk.fold_sizes(fold_of).items())}
-        return m.result(m.metadata(path=MetadataValue.path(str(m.out_dir / name)), n_folds=s.folds.n_folds,
-                                   rows=len(fold_of), fold_sizes=MetadataValue.json(sizes)), checks)
+        md = m.metadata(path=MetadataValue.path(str(m.out_dir / name)), n_folds=s.folds.n_folds,
+                        rows=len(fold_of), fold_sizes=MetadataValue.json(sizes),
+                        fold_table=fold_table([("rows", "int")], {int(k): (v,) for k, v in sizes.items()}))
+        md["dagster/row_count"] = len(fold_of)  # one assignment per train row
+        return m.result(md, checks)
 
     @asset(key=FOLD_DATA, deps=[TRAIN_TABLE, FOLD_ASSIGNMENTS], partitions_def=parts, backfill_policy=FOLD_BACKFILL, code_version=folds_cv,
            group_name="data", automation_condition=eager, kinds={"parquet"},
@@ -80,12 +99,14 @@ def build(settings: Settings, auto: dict[str, Any]) -> list[Any]:
             contract.write_table(tr, tmp / "train.parquet")
             contract.write_table(va, tmp / "valid.parquet")
         m.commit()
-        return m.result(m.metadata(
+        md = m.metadata(
             fold=k, train_rows=int(len(tr)), valid_rows=int(len(va)),
             valid_label_mean=MetadataValue.json(contract.summarize(va).get("label_mean", {})),
             train_path=MetadataValue.path(str(m.out_dir / "train.parquet")),
             valid_path=MetadataValue.path(str(m.out_dir / "valid.parquet")),
-        ))
+        )
+        md["dagster/row_count"] = len(tr) + len(va)  # the fold's train + held-out rows
+        return m.result(md)
 
     out += [fold_assignments, fold_data]
     return out

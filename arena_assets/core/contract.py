@@ -1173,13 +1173,14 @@ def write_outputs(tables: dict[str, pd.DataFrame], out_dir: str | os.PathLike[st
 
 
 def validate_files(
-    train: str | os.PathLike[str],
+    train: str | os.PathLike[str] | None,
     test: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     external: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Validate train (and test, external); return their summaries. Raises ContractError on the
-    first problem (OutputError when ``out_dir`` cannot be written).
+    """Validate train (and test, external; any one of them alone too, e.g. a new test file before
+    a submission); return their summaries. Raises ContractError on the first problem (OutputError
+    when ``out_dir`` cannot be written).
 
     Checks across files: the test file must not be the train file nor share its ids
     (:func:`check_train_test`). Warnings (e.g. label columns in the test file) are returned in
@@ -1189,17 +1190,24 @@ def validate_files(
     ``external.parquet``) only after EVERY file validated, and all together
     (:func:`write_outputs`): a failed validation or a failed write changes nothing there.
     """
+    if train is None and test is None and external is None:
+        raise ValueError("validate_files: no file given (train, test or external)")
     tables: dict[str, pd.DataFrame] = {}
-    tr = read_train(train)
-    result: dict[str, Any] = {"train": summarize(tr)}
-    warnings = list(tr.attrs.get("warnings", []))
-    tables["train.parquet"] = tr
+    result: dict[str, Any] = {}
+    warnings: list[str] = []
+    tr = None
+    if train is not None:
+        tr = read_train(train)
+        result["train"] = summarize(tr)
+        warnings += tr.attrs.get("warnings", [])
+        tables["train.parquet"] = tr
     if test is not None:
         te = read_test(test)
         warnings += te.attrs.get("warnings", [])
-        check_train_test(train, test, tr, te)
+        if tr is not None and train is not None:  # the cross-file check needs both files
+            check_train_test(train, test, tr, te)
+            result["train_test_id_overlap"] = 0
         result["test"] = summarize(te)
-        result["train_test_id_overlap"] = 0
         tables["test.parquet"] = te
     if external is not None:
         ext = read_external(external)

@@ -67,7 +67,7 @@ def no_external_run(real_sample_dir: Path, tmp_path_factory: pytest.TempPathFact
     settings_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     home = root / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
     defs = build_definitions(str(settings_path))
     instance = DagsterInstance.from_config(str(home))
     run = materialize_pipeline(defs, instance, echo=print)

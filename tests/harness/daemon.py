@@ -2,10 +2,11 @@
 
 What it builds under a temporary root:
 
-- ``dagster_home/dagster.yaml``: the project's ``dagster.yaml`` (concurrency pools and run
-  limits, run monitoring, run retries) plus storage (SQLite under the home by default; pass a
-  ``storage`` block, e.g. ``{"postgres": {"postgres_url": ...}}``, for another database) and the
-  queued run coordinator (dequeuing every second instead of five, to keep tests short);
+- ``dagster_home/dagster.yaml``: the project's shipped instance config ``deploy/local/dagster.yaml``
+  (concurrency pools and run limits, run monitoring, run retries) plus storage (SQLite under the
+  home by default; pass a ``storage`` block, e.g. ``postgres_storage(url)``, for the team setup's
+  PostgreSQL) and the queued run coordinator (dequeuing every second instead of five, to keep
+  tests short);
 - ``workspace.yaml``: one code location, a Python module (or file) the test names;
 - ``dagster-daemon run`` as a subprocess in its own process group (it starts the code server,
   which starts the run workers: stopping the group stops them all).
@@ -61,6 +62,14 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def postgres_storage(url: str) -> dict[str, Any]:
+    """The storage block of the team instance (deploy/team/dagster.yaml) with a literal URL
+    (a libpq ``postgresql://`` URL is given the psycopg2 driver: see ``sqlalchemy_url``)."""
+    from tests.harness.postgres import sqlalchemy_url
+
+    return {"postgres": {"postgres_url": sqlalchemy_url(url)}}
+
+
 def project_instance_config(
     home: Path, storage: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
     dequeue_interval_s: int = 1,
@@ -68,7 +77,7 @@ def project_instance_config(
     """The instance config a harness writes: the repository's dagster.yaml, a storage block
     (default SQLite under ``home``), the queued run coordinator, then ``overrides`` (deep-merged;
     a None value removes a key)."""
-    cfg = yaml.safe_load((REPO / "dagster.yaml").read_text()) or {}
+    cfg = yaml.safe_load((REPO / "deploy" / "local" / "dagster.yaml").read_text()) or {}
     cfg["storage"] = storage or {"sqlite": {"base_dir": str(home / "storage")}}
     cfg["run_coordinator"] = {
         "module": "dagster",

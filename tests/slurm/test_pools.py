@@ -46,7 +46,7 @@ def test_apply_pool_limits_writes_the_instance(tmp_path: Path) -> None:
     s = load_settings(_settings(tmp_path, {"backend": "slurm", "max_parallel_jobs": 6}))
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((REPO / "deploy" / "local" / "dagster.yaml").read_text())
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert pools.current_limits(instance, ["slurm"]) == {"slurm": None}
         assert pools.apply_pool_limits(instance, s) == {"slurm": {"before": None, "after": 6}}
@@ -60,7 +60,7 @@ def test_pools_cli(tmp_path: Path) -> None:
     settings = _settings(tmp_path, {"backend": "slurm", "max_parallel_jobs": 5})
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((REPO / "deploy" / "local" / "dagster.yaml").read_text())
     env = {"DAGSTER_HOME": str(home), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
     out = subprocess.run([ARENA, "pools", "--settings", str(settings), "--json"], capture_output=True, text=True,
                          env=env, check=True)
@@ -75,7 +75,7 @@ def test_pools_cli(tmp_path: Path) -> None:
 
 
 def test_dagster_yaml_lets_a_five_fold_backfill_start(tmp_path: Path) -> None:
-    cfg = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "deploy" / "local" / "dagster.yaml").read_text())
     assert cfg["concurrency"]["runs"]["max_concurrent_runs"] >= 5
     assert cfg["concurrency"]["pools"]["default_limit"] == 1  # a pool nobody applied stays safe
     # the harness's instance config (project settings + storage + queued coordinator) is valid
