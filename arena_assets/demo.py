@@ -15,7 +15,6 @@ import argparse
 import fcntl
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,15 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare_home(home: Path) -> Path:
-    """Create DAGSTER_HOME with the shipped deploy/local/dagster.yaml (kept if already there)."""
-    home.mkdir(parents=True, exist_ok=True)
-    target = home / "dagster.yaml"
-    if not target.exists():
-        src = REPO / "deploy" / "local" / "dagster.yaml"
-        if src.exists():
-            shutil.copy(src, target)
-        else:
-            target.write_text(_FALLBACK_DAGSTER_YAML)
+    """Create DAGSTER_HOME with the shipped deploy/local/dagster.yaml (``arena-assets home``'s
+    ``cli.prepare_home``; a dagster.yaml already there is kept). An installed package without the
+    repository's deploy/ folder gets the minimal config below."""
+    from arena_assets.cli import prepare_home as install_instance_config
+    from arena_assets.cli import shipped_instance_config
+
+    if shipped_instance_config("local").exists():
+        install_instance_config(home, "local")
+    else:
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "dagster.yaml").exists():
+            (home / "dagster.yaml").write_text(_FALLBACK_DAGSTER_YAML)
     return home
 
 

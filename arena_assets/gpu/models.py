@@ -142,6 +142,16 @@ def model_devices(model: Any) -> list[str]:
     return sorted({str(p.device) for p in model.parameters()})
 
 
+def is_quantized(model: Any) -> bool:
+    """A GPTQ or bitsandbytes model (transformers sets ``hf_quantizer``; bitsandbytes also the
+    ``is_loaded_in_*bit`` flags). Such a model is placed by ``from_pretrained`` (never moved with
+    ``.to``), gets no FP8 swap, and its layers are never compiled for TTA: GPTQModel's Triton
+    kernels autotune inside ``torch.compile``, and on the H200 the GPTQ TTA had not finished
+    compiling after minutes where the bf16 model compiled in seconds (issue 15)."""
+    return getattr(model, "hf_quantizer", None) is not None or bool(
+        getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
 # ------------------------------------------------------------------------------ tokenizer
 def train_word_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 2048) -> Any:
     """A word-level tokenizer trained on formatted (span-tagged) text; split on whitespace only,

@@ -32,6 +32,7 @@ from arena_assets.core.results import StepResult, step_output
 from arena_assets.core.settings import FormatSettings, InferSettings
 from arena_assets.gpu.data import PadCollator, read_table
 from arena_assets.gpu.formatting import encode_rows, labels_of, swap_probs
+from arena_assets.gpu.models import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +134,6 @@ def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: 
     return 0.5 * (z + swap_probs(zs))
 
 
-def is_quantized(model: Any) -> bool:
-    """A GPTQ or bitsandbytes model. Its layers are never compiled (``InferSettings.compile``):
-    GPTQModel's Triton kernels autotune inside ``torch.compile``, and on the H200 the GPTQ TTA
-    had not finished compiling after minutes where the bf16 model compiled in seconds (issue 15)."""
-    return getattr(model, "hf_quantizer", None) is not None or bool(
-        getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
-
-
 def prediction_frame(ids: Any, logits: np.ndarray, temperature: float = 1.0) -> Any:
     """The contract's prediction table: id, p_a, p_b, p_tie (calibrated), logit_* (raw)."""
     import pandas as pd
@@ -195,7 +188,7 @@ def _load(model_dir: Any) -> tuple[Any, Any]:
 
     setup_torch(0)
     model, tok = load_classifier(model_dir)
-    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_8bit", False):
+    if not is_quantized(model):  # placed by from_pretrained (a device map); .to would fail or copy
         model.to(device())
     devices = model_devices(model)
     if "cpu" in devices and device().type == "cuda":
@@ -220,7 +213,7 @@ def apply_fp8(model: Any, infer: Any, force: bool = False) -> dict[str, Any]:
         return {"fp8": "off"}
     p = next(model.parameters())
     why = None
-    if getattr(model, "hf_quantizer", None) is not None:
+    if is_quantized(model):
         why = "the model is already quantized (GPTQ/bitsandbytes)"
     elif p.dtype not in (torch.bfloat16, torch.float16):
         why = f"FP8 linears need a bf16/fp16 model, not {p.dtype}"

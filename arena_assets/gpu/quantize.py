@@ -313,18 +313,20 @@ def _quantize_gptq(
     model = AutoModelForSequenceClassification.from_pretrained(
         str(model_dir), quantization_config=qcfg, **_load_kwargs(model_dir)
     )
-    # optimum stores the calibration dataset in the config: never ship training rows in config.json
+    # The config transformers saves is rebuilt from optimum's dict: (1) it holds the calibration
+    # dataset: never ship training rows in config.json; (2) it has lost the kernel: without
+    # ``backend`` the saved model said ``auto`` and on the H200 TTA loaded it with GPTQModel's
+    # Marlin kernel, which first compiles a CUDA extension with nvcc (about two minutes, in every
+    # fresh process) although the step had quantized with TritonV2 (issue 15).
     for qc in (
         getattr(model.config, "quantization_config", None),
         getattr(getattr(model, "hf_quantizer", None), "quantization_config", None),
     ):
-        if qc is not None:
-            if isinstance(qc, dict):
-                qc["dataset"] = None
-            else:
-                qc.dataset = None
+        if isinstance(qc, dict):
+            qc.update(dataset=None, backend=cfg.gptq_backend)
+        elif qc is not None:
+            qc.dataset, qc.backend = None, cfg.gptq_backend
     model.save_pretrained(out)
-    _save_backend(out, cfg.gptq_backend)
     import gptqmodel
 
     return model, {
@@ -333,19 +335,6 @@ def _quantize_gptq(
         "library": f"gptqmodel {gptqmodel.__version__}",
         "backend": cfg.gptq_backend,
     }
-
-
-def _save_backend(out: Path, backend: str) -> None:
-    """Write the kernel choice into the saved ``quantization_config`` (transformers reads it back
-    as ``GPTQConfig.backend`` when TTA loads the model).
-
-    Why: optimum's ``to_dict`` drops ``backend``, so the saved model said ``auto`` and on the H200
-    TTA loaded it with GPTQModel's Marlin kernel, which first compiles a CUDA extension with nvcc
-    (about two minutes, in every fresh process) although the step had quantized with TritonV2."""
-    f = out / "config.json"
-    config = json.loads(f.read_text())
-    config.setdefault("quantization_config", {})["backend"] = backend
-    f.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _quantize_bnb8(model_dir: Path, out: Path, cfg: QuantSettings, head: str) -> tuple[Any, dict]:

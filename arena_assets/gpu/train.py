@@ -419,9 +419,23 @@ def train_teacher(
     says why in ``result.json`` (``info.external_reason``, a note). ``external_source``: where the
     external table came from, for those messages only (e.g. ``data.external=/data/ext.csv missing``).
     """
+    valid = read_table(valid_table)
+    rows, n_ext, info, notes = teacher_training_rows(read_table(train_table), valid, external, cfg, external_source)
+    kd = {"alpha": 0.0, "temperature": 1.0, "label_smoothing": cfg.train.label_smoothing}
+    return _fit_classifier(
+        "teacher", base_dir, cfg, cfg.lora, fmt, rows, valid, kd, None, out_dir, checkpoint_dir,
+        {"external_rows": n_ext, **info}, notes,
+    )
+
+
+def teacher_training_rows(
+    train: Any, valid: Any, external: Any, cfg: TeacherSettings, external_source: str | None = None
+) -> tuple[Any, int, dict[str, Any], list[str]]:
+    """The rows a fold's teacher trains on: the fold's train part plus, with ``use_external``, up to
+    ``max_external_rows`` external pairs (seeded sample; none may share an id with the validation
+    fold). Returns ``(rows, n_external, info, notes)``; benchmarks count the teacher's tokens on it."""
     import pandas as pd
 
-    train, valid = read_table(train_table), read_table(valid_table)
     rows, n_ext, notes = _rows(train), 0, []
     ext = _rows(read_table(external)) if cfg.use_external and external is not None else None
     info: dict[str, Any] = {}
@@ -440,11 +454,7 @@ def train_teacher(
             raise ValueError(f"{len(overlap)} external rows share ids with the validation fold")
         n_ext = len(ext)
         rows = pd.concat([rows, ext], ignore_index=True)
-    kd = {"alpha": 0.0, "temperature": 1.0, "label_smoothing": cfg.train.label_smoothing}
-    return _fit_classifier(
-        "teacher", base_dir, cfg, cfg.lora, fmt, rows, valid, kd, None, out_dir, checkpoint_dir,
-        {"external_rows": n_ext, **info}, notes,
-    )
+    return rows, n_ext, info, notes
 
 
 def train_student(

@@ -220,17 +220,17 @@ def token_rates(settings: Any, recs: dict[str, dict[str, Any]]) -> None:
     """Real (non-pad) tokens each model asset processed, and its rate: training assets over the
     Trainer's own ``train_runtime`` (one epoch; evaluation off), inference assets over the
     asset's whole wall time (model load and compile included, so a lower bound)."""
-    import pandas as pd
-
     from arena_assets.core import artifacts
     from arena_assets.gpu.data import read_table
     from arena_assets.gpu.pretrain import _external_split
+    from arena_assets.gpu.train import teacher_training_rows
 
     s = settings
     pm = s.fmt.prompt_max_tokens
     toks = {f: _tokenizer(s, f) for f in [s.student_family, *s.teacher_families]}
-    ext = read_table(artifacts.latest(s.root, "external_pairs") / "table.parquet") \
-        if artifacts.latest(s.root, "external_pairs") else None
+    ext_dir = artifacts.latest(s.root, "external_pairs")
+    ext_path = ext_dir / "table.parquet" if ext_dir else None
+    ext = read_table(ext_path) if ext_path else None
     for fam in toks:
         r = recs.get(f"{fam}/post_pretrained_base", {}).get("result")
         if r is not None and ext is not None:
@@ -247,12 +247,7 @@ def token_rates(settings: Any, recs: dict[str, dict[str, Any]]) -> None:
         for fam in s.teacher_families:
             name = f"{fam}/teacher_model[{k}]"
             if recs.get(name, {}).get("result") is not None:
-                rows = train
-                if s.teacher.use_external and ext is not None:
-                    e = ext
-                    if s.teacher.max_external_rows is not None and len(e) > s.teacher.max_external_rows:
-                        e = e.sample(n=s.teacher.max_external_rows, random_state=s.teacher.train.seed)
-                    rows = pd.concat([train, e], ignore_index=True)
+                rows = teacher_training_rows(train, valid, ext_path, s.teacher)[0]
                 n = _tokens(rows, toks[fam], s.teacher.train.max_length, pm) * s.teacher.train.num_epochs
                 _rate(recs[name], n, _train_runtime(recs[name]["result"]), "train")
             name = f"{fam}/teacher_oof_probs[{k}]"

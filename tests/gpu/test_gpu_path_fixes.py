@@ -526,7 +526,7 @@ def test_tta_compiles_layers_of_plain_models_only(quantized: bool, monkeypatch: 
     The packed path runs for real on CPU (arena_flex's eager reference); only the GPU test
     (``_use_fast``: "is the model on CUDA") is answered yes, and ``compile_layers`` is a spy."""
     from arena_assets.core.settings import InferSettings
-    from arena_assets.gpu import fast, packing, predict
+    from arena_assets.gpu import fast, models, packing, predict
     from tests.gpu.test_fast import _tiny
 
     df, tok, model = _tiny(12)
@@ -544,5 +544,5 @@ def test_tta_compiles_layers_of_plain_models_only(quantized: bool, monkeypatch: 
     infer = InferSettings(max_length=96, tta=True, slab_tokens=512, compile=True)
     z = predict.tta_logits(model, tok, df, Fmt, infer)
     assert z.shape == (len(df), 3) and np.isfinite(z).all()
-    assert predict.is_quantized(model) is quantized
+    assert models.is_quantized(model) is quantized
     assert compiled == ([] if quantized else [model])

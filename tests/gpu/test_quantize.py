@@ -125,6 +125,20 @@ def trained(tmp_path_factory):
     return mdir, root / "train.parquet", root / "valid.parquet", fp_ll
 
 
+def _in_quant_env(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    """Run ``QPY args`` (the GPTQ environment's interpreter) offline; fail with its output if it fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
+    proc = subprocess.run([QPY, *args], check=False, capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _seen_line(proc: subprocess.CompletedProcess[str]) -> list[dict[str, str]]:
+    """The kernel choices a driver script printed as ``SEEN [...]``."""
+    return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN "))[5:])
+
+
 def _score_is_original(qdir: Path, fp_dir: Path) -> None:
     from safetensors.torch import load_file
 
@@ -266,27 +280,11 @@ def test_gptq_in_quant_env(trained, tmp_path):
     assert QPY is not None and Path(QPY).exists(), f"CI must provide the GPTQ environment ({QPY})"
     mdir, train_pq, valid_pq, fp_ll = trained
     out = tmp_path / "v"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
-    proc = subprocess.run(
-        [
-            QPY,
-            "-m",
-            "arena_assets.gpu.quantize",
-            str(mdir),
-            str(out),
-            "--calibration-table",
-            str(train_pq),
-            "--settings",
-            QuantSettings(**QCFG).model_dump_json(),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=tmp_path,
+    _in_quant_env(
+        ["-m", "arena_assets.gpu.quantize", str(mdir), str(out), "--calibration-table", str(train_pq),
+         "--settings", QuantSettings(**QCFG).model_dump_json()],
+        tmp_path,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = StepResult.read(out)
     qj = json.loads(res.path("quantization").read_text())
     assert qj["method"] == "gptq" and qj["fallback_reason"] is None, qj
@@ -319,16 +317,7 @@ def test_gptq_in_quant_env(trained, tmp_path):
         print(json.dumps({{"ll": float(log_loss(y, p, labels=[0, 1, 2])), "score": type(m.score).__name__,
                           "body": type(m.model.layers[0].mlp.down_proj).__name__}}))
     """)
-    proc = subprocess.run(
-        [QPY, "-c", script],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    proc = _in_quant_env(["-c", script], tmp_path, timeout=600)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["score"] == "Linear" and got["body"] != "Linear", got
     assert abs(got["ll"] - fp_ll) < 0.01, (got, fp_ll)
@@ -349,7 +338,7 @@ def test_gptq_backend_setting_picks_the_kernel(
     the same kernel: transformers rebuilds the saved ``quantization_config`` from optimum's
     ``GPTQQuantizer.to_dict``, which has no ``backend`` key, so the model used to say ``auto``
     and on the H200 TTA loaded it with Marlin, which compiles a CUDA extension first (the step
-    now writes the backend into config.json: ``quantize._save_backend``)."""
+    now writes the backend into the saved quantization config)."""
     assert QPY is not None and Path(QPY).exists(), f"CI must provide the GPTQ environment ({QPY})"
     mdir, train_pq, _, _ = trained
     out = tmp_path / "v"
@@ -374,22 +363,12 @@ def test_gptq_backend_setting_picks_the_kernel(
         print("SEEN " + json.dumps(seen))
         raise SystemExit(rc)
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
-    proc = subprocess.run(
-        [QPY, "-c", driver],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = _in_quant_env(["-c", driver], tmp_path)
     res = StepResult.read(out)
     qj = json.loads(res.path("quantization").read_text())
     assert qj["method"] == "gptq" and qj["fallback_reason"] is None, qj
     assert qj["head_unchanged"] and qj["quantized_linear_modules"] > 0
-    seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN "))[5:])
+    seen = _seen_line(proc)
     assert seen, "the optimum quantizer never selected a kernel"
     assert {s["backend"] for s in seen} == {"gptq_torch"}, seen
     assert {s["kernel"] for s in seen} == {"TorchLinear"}, seen  # GPTQModel 7.x's gptq_torch kernel
@@ -401,10 +380,7 @@ def test_gptq_backend_setting_picks_the_kernel(
         load_classifier({str(qdir)!r})
         print("SEEN " + json.dumps(seen))
     """)
-    proc = subprocess.run([QPY, "-c", loader], check=False, capture_output=True, text=True, timeout=600,
-                          env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN "))[5:])
+    seen = _seen_line(_in_quant_env(["-c", loader], tmp_path, timeout=600))
     assert seen and {s["backend"] for s in seen} == {"gptq_torch"}, seen  # the saved kernel, not auto
 
 

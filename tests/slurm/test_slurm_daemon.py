@@ -82,9 +82,10 @@ def _event_types(h: DaemonHarness, run_id: str) -> list[str]:
     return [e.dagster_event.event_type_value for e in h.events(run_id) if e.dagster_event is not None]
 
 
-@pytest.fixture
-def deploy(slurm_settings: Path, tmp_path: Path) -> Iterator[Callable[..., DaemonHarness]]:
-    """Start a deployment (once per test): ``deploy(sleep_s=..., slurm={...overrides})``."""
+def deployments(slurm_settings: Path, where: Path, storage: str | None = None) -> Iterator[Callable[..., DaemonHarness]]:
+    """Start deployments (``start(sleep_s=..., slurm={...overrides})``); stop them and cancel
+    their Slurm jobs at the end. ``storage``: the instance's storage block (None: SQLite under
+    the deployment's DAGSTER_HOME; test_slurm_daemon_postgres.py passes PostgreSQL's)."""
     started: list[DaemonHarness] = []
     folder = Path(yaml.safe_load(slurm_settings.read_text())["compute"]["slurm"]["folder"])
 
@@ -94,8 +95,8 @@ def deploy(slurm_settings: Path, tmp_path: Path) -> Iterator[Callable[..., Daemo
             cfg["compute"]["slurm"].update(slurm)
             slurm_settings.write_text(yaml.safe_dump(cfg))
         h = DaemonHarness(
-            tmp_path / "deploy", module="slurm_defs", location_name="slurm_defs",
-            env={"ARENA_SETTINGS": str(slurm_settings), "ARENA_TEST_SLEEP_S": str(sleep_s)},
+            where, module="slurm_defs", location_name="slurm_defs",
+            storage=storage, env={"ARENA_SETTINGS": str(slurm_settings), "ARENA_TEST_SLEEP_S": str(sleep_s)},
         )
         started.append(h)
         return h.start()
@@ -107,6 +108,12 @@ def deploy(slurm_settings: Path, tmp_path: Path) -> Iterator[Callable[..., Daemo
         for h in started:
             h.stop()
         _cancel_jobs_under(folder)
+
+
+@pytest.fixture
+def deploy(slurm_settings: Path, tmp_path: Path) -> Iterator[Callable[..., DaemonHarness]]:
+    """A deployment on SQLite (once per test)."""
+    yield from deployments(slurm_settings, tmp_path / "deploy")
 
 
 # ------------------------------------------------------------------------------ (a) parallel backfill
