@@ -307,6 +307,10 @@ class InferSettings(_Frozen):
     """CUDA with ``arena_flex``: ``torch.compile`` each decoder layer once for the fixed slab shape
     (about a minute of warm-up on an H100; 0.46 -> 0.64 of the bf16 ceiling, docs/gpu.md).
     bf16/fp16 models only: a GPTQ or bitsandbytes model runs its own kernels uncompiled."""
+    compile_cache: str | None = speed_only(None, "a cache of compiled kernels; the same kernels either way")
+    """Folder for the portable compile cache (gpu/compile_cache.py; None: ``$ARENA_COMPILE_CACHE``,
+    else none): the first process writes what it compiled, later jobs, pods and GPU shards load it
+    and skip the compile. Shared storage is fine: one small file per model and slab shape."""
 
 
 class EnsembleSettings(_Frozen):

@@ -85,10 +85,15 @@ class Packed:
     doc_ids: Any
     ends: Any
     rows: np.ndarray
+    longest: int | None = None
+    """The longest row's tokens, known on the host when packed here: ``packed_masks`` needs it to
+    decide on a sliding-window mask, and reading it back from the GPU would stall the pipeline
+    once per slab (a device-to-host sync before the next slab's masks can be built)."""
 
     def to(self, device: Any) -> Packed:
         nb = getattr(device, "type", str(device)) == "cuda"
-        return Packed(*(t.to(device, non_blocking=nb) for t in (self.input_ids, self.position_ids, self.doc_ids, self.ends)), self.rows)
+        moved = (t.to(device, non_blocking=nb) for t in (self.input_ids, self.position_ids, self.doc_ids, self.ends))
+        return Packed(*moved, self.rows, self.longest)
 
 
 def pack(rows: Sequence[Sequence[int]], pad_id: int, total: int | None = None, pad_multiple: int = FLEX_BLOCK) -> Packed:
@@ -116,7 +121,7 @@ def pack(rows: Sequence[Sequence[int]], pad_id: int, total: int | None = None, p
         at += k
     pos[at:] = np.arange(total - at)
     as_t = torch.from_numpy
-    return Packed(as_t(ids)[None], as_t(pos)[None], as_t(doc)[None], as_t(ends), np.arange(len(rows)))
+    return Packed(as_t(ids)[None], as_t(pos)[None], as_t(doc)[None], as_t(ends), np.arange(len(rows)), max(lens, default=0))
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -222,7 +227,8 @@ def packed_masks(model: Any, batch: Packed) -> Any:
     window = getattr(cfg, "sliding_window", None)
     layer_types = set(getattr(cfg, "layer_types", None) or [])
     sliding = "sliding_attention" in layer_types and window is not None
-    need_window = sliding and int(pos.max()) + 1 > int(window)  # a row longer than the window
+    longest = batch.longest if batch.longest is not None else int(pos.max()) + 1  # the latter syncs
+    need_window = sliding and longest > int(window)  # a row longer than the window
 
     if uses_flex(model):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -288,11 +294,13 @@ def packed_logits(model: Any, batch: Packed) -> Any:
 
 # ---------------------------------------------------------------------------------- inference
 def logits_of_ids_packed(
-    model: Any, ids: list[list[int]], pad_id: int, slab_tokens: int = SLAB_TOKENS, desc: str = "predict-packed"
+    model: Any, ids: list[list[int]], pad_id: int, slab_tokens: int = SLAB_TOKENS, desc: str = "predict-packed",
+    after_first: Any = None,
 ) -> np.ndarray:
     """(n, 3) float64 logits for encoded rows, in packed slabs of exactly ``slab_tokens`` tokens
     (one shape: compiled layers compile once). ``slab_tokens`` bounds activation memory like a
-    token budget: 16384 is plenty to fill an H100; use 4096-8192 on 16 GB cards."""
+    token budget: 16384 is plenty to fill an H100; use 4096-8192 on 16 GB cards.
+    ``after_first``: called once after the first slab (the compiled graphs exist by then)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -301,7 +309,7 @@ def logits_of_ids_packed(
         raise ValueError(f"slab_tokens {slab_tokens} < longest row {longest}")
     bins = pack_bins([len(x) for x in ids], slab_tokens)
     dev = next(p.device for p in model.parameters())
-    out = torch.empty((len(ids), 3), dtype=torch.float32, device=dev)
+    done: list[tuple[np.ndarray, Any]] = []
     was_training = model.training
     model.eval()
     try:
@@ -309,12 +317,23 @@ def logits_of_ids_packed(
             for b in tqdm(bins, desc=desc, leave=False, disable=len(bins) < 8):
                 batch = pack([ids[i] for i in b], pad_id, total=slab_tokens)
                 if dev.type == "cuda":
-                    batch = Packed(*(t.pin_memory() for t in (batch.input_ids, batch.position_ids, batch.doc_ids, batch.ends)), batch.rows)
+                    pinned = (t.pin_memory() for t in (batch.input_ids, batch.position_ids, batch.doc_ids, batch.ends))
+                    batch = Packed(*pinned, batch.rows, batch.longest)
                 batch = batch.to(dev)
-                out[torch.as_tensor(b, device=dev)] = packed_logits(model, batch).float()
+                # the slab's logits stay on the GPU until the end: writing them into a GPU array by a
+                # row-index tensor copied from pageable memory made the host wait for the GPU once per
+                # slab, and the GPU then idled while the host built the next slab (7.5 % of the pass's
+                # wall time in the H200 profile, docs/gpu.md)
+                done.append((b, packed_logits(model, batch).float()))
+                if after_first is not None:  # e.g. write the compile cache once the graphs exist
+                    after_first()
+                    after_first = None
     finally:
         model.train(was_training)
-    return out.cpu().numpy().astype(np.float64)
+    out = np.zeros((len(ids), 3), dtype=np.float64)
+    for b, z in done:
+        out[b] = z.cpu().numpy()
+    return out
 
 
 def tta_logits_packed(
@@ -325,12 +344,14 @@ def tta_logits_packed(
     prompt_max_tokens: int,
     tta: bool = True,
     slab_tokens: int = SLAB_TOKENS,
+    after_first: Any = None,
 ) -> np.ndarray:
     """``predict.tta_logits``'s result (mean of original and swapped-back logits) with both
     orientations packed into the same slabs."""
     return tta_in_one_pass(
         df, tokenizer, max_length, prompt_max_tokens, tta,
-        lambda ids: logits_of_ids_packed(model, ids, tokenizer.pad_token_id, slab_tokens, desc="tta-packed"),
+        lambda ids: logits_of_ids_packed(model, ids, tokenizer.pad_token_id, slab_tokens, desc="tta-packed",
+                                         after_first=after_first),
     )
 
 

@@ -111,12 +111,23 @@ def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: 
 
         if uses_flex(model):  # packed slabs: no pad tokens, block-sparse flex attention
             slab = max(int(infer.slab_tokens), length)
+            after_first = None
             if infer.compile and not is_quantized(model):
+                from arena_assets.gpu.compile_cache import open_cache
                 from arena_assets.gpu.fast import compile_layers
 
+                cc = open_cache(model, infer, rank=_SHARD_RANK)  # before the first compiled call
+                if cc is not None:
+
+                    def after_first() -> None:  # the graphs exist once the first slab ran
+                        cc.save()
+                        model.arena_record = {**getattr(model, "arena_record", {}), **cc.record}
+
+                    model.arena_record = {**getattr(model, "arena_record", {}), **cc.record}
                 compile_layers(model, dynamic=False)  # idempotent; one shape: the slab
             return tta_logits_packed(
-                model, tokenizer, df, length, fmt.prompt_max_tokens, tta=bool(infer.tta), slab_tokens=slab
+                model, tokenizer, df, length, fmt.prompt_max_tokens, tta=bool(infer.tta), slab_tokens=slab,
+                after_first=after_first,
             )
         from arena_assets.gpu.fast import tta_logits_fast
 
@@ -237,8 +248,16 @@ def inference_devices(infer: Any) -> list[str]:
     return [str(i) for i in range(want)] if want > 1 else []
 
 
-def _shard_worker(device: str, model_dir: str, fmt: Any, infer: Any, table: str, rows: np.ndarray, desc: str) -> tuple[np.ndarray, dict[str, Any]]:
+_SHARD_RANK = 0
+"""This process's shard index under :func:`sharded_tta_logits` (0 in a single process): rank 0
+compiles and writes the portable compile cache, the others wait for it (gpu/compile_cache.py)."""
+
+
+def _shard_worker(device: str, model_dir: str, fmt: Any, infer: Any, table: str, rows: np.ndarray, desc: str,
+                  rank: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """One shard in its own process: sees one GPU (``""``: none, tests), loads the model, runs TTA."""
+    global _SHARD_RANK
+    _SHARD_RANK = rank
     os.environ["CUDA_VISIBLE_DEVICES"] = device  # before this process first touches CUDA
     model, tok = _load(model_dir)
     fp8 = apply_fp8(model, infer)
@@ -267,7 +286,8 @@ def sharded_tta_logits(model_dir: Any, table: Any, fmt: Any, infer: Any, devices
     lengths = sum(df[c].astype(str).str.len().to_numpy() for c in ("prompt", "response_a", "response_b"))
     shards = [shard_rows(len(df), r, len(devices), lengths) for r in range(len(devices))]
     with ProcessPoolExecutor(max_workers=len(devices), mp_context=mp.get_context("spawn")) as ex:
-        futures = [ex.submit(_shard_worker, d, str(model_dir), fmt, infer, str(table), rows, desc) for d, rows in zip(devices, shards)]
+        futures = [ex.submit(_shard_worker, d, str(model_dir), fmt, infer, str(table), rows, desc, r)
+                   for r, (d, rows) in enumerate(zip(devices, shards))]
         results = [f.result() for f in futures]
     z = np.zeros((len(df), 3), dtype=np.float64)
     for rows, (zs, _) in zip(shards, results):
