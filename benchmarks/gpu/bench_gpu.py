@@ -529,10 +529,16 @@ def phase_train(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], 
             timed_steps = timer.times[args.train_warmup :]
             st = float(np.median(timed_steps)) if timed_steps else float("nan")
             fl_step = 3 * float(flops_per_row(np.full(bs, L), n_lin, shape).sum())
+            # FLOPs a frozen-base LoRA step needs (issue 19): forward 2NL + input-gradient backward
+            # 2NL (no weight gradients of the frozen base) + attention forward and its backward
+            # (dQ, dK, dV: twice the forward) + the adapters' own 6 N_lora L
+            attn_fwd = float((flops_per_row(np.full(bs, L), 0, shape)).sum())
+            fl_hw = 4.0 * n_lin * bs * L + 3 * attn_fwd + 6.0 * trainable * bs * L
             v = {
                 "seq_len": L, "micro_batch": bs, "gradient_checkpointing": gc_on, "attn": attn, "packed": pack, "compiled": comp,
                 "step_times_s": timer.times, "median_step_s": st, "tokens_per_s": bs * L / st,
                 "tflops": fl_step / st / 1e12, "frac_of_ceiling": fl_step / st / 1e12 / ceiling if ceiling else None,
+                "tflops_hw": fl_hw / st / 1e12, "frac_of_ceiling_hw": fl_hw / st / 1e12 / ceiling if ceiling else None,
                 "peak_gib": peak_gib(), "wall_s": wall,
             }
             log.info("train %s: %.0f tok/s, frac %.3f, peak %.1f GiB", name, v["tokens_per_s"], v["frac_of_ceiling"] or 0, v["peak_gib"] or 0)
@@ -694,11 +700,11 @@ def phase_fp8(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
                 del model
                 free()
                 model = build_model(shape, tok.pad_token_id, attn)
-                fp8_linearize(model, granularity=gran)
+                fp8_linearize(model, granularity=gran, scope=args.fp8_scope)
                 free()
                 compile_layers(model, dynamic=not uses_flex(model))
                 zc, tc = real(model)
-                res[f"compiled_{gran}"] = {
+                res[f"compiled_{gran}" + ("" if args.fp8_scope == "all" else f"_{args.fp8_scope}")] = {
                     "rows": len(df), "seconds": tc, "rows_per_s": len(df) / tc, "over_bf16_compiled_speed": tb / tc,
                     "max_abs_prob_diff_vs_bf16_real_random_init": float(np.abs(softmax(zb) - softmax(zc)).max()),
                     "peak_gib": peak_gib(),
@@ -869,12 +875,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--q-len", type=int, default=2000)
     ap.add_argument("--q-iters", type=int, default=4)
     ap.add_argument("--fp8-compiled-only", type=int, default=0, help="fp8 phase: only bf16 vs FP8 with compiled layers")
+    ap.add_argument("--fp8-scope", default="all", help="fp8 phase (--fp8-compiled-only): all or mlp")
     ap.add_argument("--fp8-scopes", type=lambda s: s.split(","), default=["all"], help="fp8fid: all and/or mlp")
     ap.add_argument("--fid-dir", default=str(ROOT / ".fid"), help="fp8fid phase: trained model/ + table.parquet")
     ap.add_argument("--q-attn", default="eager", help="attention for the int8/fp8 phases (arena_flex: packed)")
     ap.add_argument("--slabs", type=lambda s: [int(x) for x in s.split(",")], default=[16384],
                     help="packed slab sizes (tokens) for the packed TTA variants")
     ap.add_argument("--ceiling-n", type=int, default=8192)
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    import bench_tta2
+
+    bench_tta2.add_args(ap)
     args = ap.parse_args(argv)
     args.train_configs = [c.split(":") for c in args.train_configs.split(",") if c]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -883,16 +894,18 @@ def main(argv: list[str] | None = None) -> int:
     rec.put("meta", {"versions": versions(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "argv": sys.argv, "shape": shape, "flops_formula": FLOPS_FORMULA, "tiny": args.tiny})
     t_start = time.perf_counter()
-    ceiling = None
+    ceiling = args.ceiling_value or None  # a warm-up child gets its parent's
     phases = args.phases.split(",")
     if "ceiling" in phases:
         c = matmul_ceiling(512 if args.tiny else args.ceiling_n)
         ceiling = c["tflops"]
         rec.put("ceiling", c)
         log.info("ceiling %.1f TFLOP/s", ceiling)
-    for name, fn in (("gemm8", phase_gemm8), ("fp8fid", phase_fp8fid), ("gptq", phase_gptq), ("tta", phase_tta), ("fp8", phase_fp8),
-                     ("int8", phase_int8), ("train", phase_train)):
-        if name in phases:
+    table = {**bench_tta2.PHASES, "gemm8": phase_gemm8, "fp8fid": phase_fp8fid, "gptq": phase_gptq, "tta": phase_tta,
+             "fp8": phase_fp8, "int8": phase_int8, "train": phase_train}
+    for name in phases:  # in the order given: put a phase that may stall last
+        fn = table.get(name)
+        if fn is not None:
             t0 = time.perf_counter()
             fn(rec, args, shape, ceiling)
             rec.data.setdefault("phase_seconds", {})[name] = time.perf_counter() - t0
