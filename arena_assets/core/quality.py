@@ -434,6 +434,118 @@ def _fold_cv(root: Path, k: str) -> float | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------
+# Issue 17: KD vs CE-only students over several seeds, on the held-out folds' truth
+# --------------------------------------------------------------------------------------------
+TARGET_KD_VS_TEACHER = 0.01
+"""The KD student within this of its teachers on the held-out truth, or better."""
+
+
+def heldout_students(settings: Settings, truth: dict[str, Any]) -> dict[str, Any]:
+    """KD and CE-only students of one run (the latest ``student_model`` / ``baseline_student``
+    of every fold under ``settings.root``) scored on their held-out folds' truth.
+
+    Raw: the training step's ``valid_predictions.parquet`` (the fold's own validation rows, one
+    orientation). Calibrated: each fold's logits divided by a temperature fitted on the same
+    rows' LABELS (:func:`fit_temperature`), the same post-processing for both students, then
+    scored against those rows' TRUTH (the labels are draws, the truth is not: the fit cannot see
+    it). Pooled over the folds (every train row once).
+    """
+    import pandas as pd
+
+    from arena_assets.core import contract
+
+    root = settings.root
+    folds = [str(k) for k in range(settings.folds.n_folds)]
+    tt = _latest(root, "train_table")
+    if tt is None:
+        raise FileNotFoundError(f"no train_table under {root}")
+    train = contract.read_table(tt / "table.parquet")
+    label_frame = train.assign(id=train["id"].astype(str)).set_index("id")[contract.LABEL_COLS]
+    ref = truth["train"]
+    out: dict[str, Any] = {}
+    for name, key in (("kd", "student_model"), ("ce_only", "baseline_student")):
+        frames = {k: _read_parquet(_p(_latest(root, key, k), "valid_predictions.parquet")) for k in folds}
+        if any(f is None for f in frames.values()):
+            out[name] = None
+            continue
+        temps = {k: fit_temperature(f[LOGIT_COLS], label_frame.loc[f["id"].astype(str).tolist()])
+                 for k, f in frames.items()}
+        allf = pd.concat(list(frames.values()), ignore_index=True)
+        probs_cal = np.concatenate([frame_probs(frames[k], temps[k]) for k in folds])
+        t_all = reference(ref, allf["id"].astype(str).tolist())
+        out[name] = {"raw": score(allf, ref), "calibrated": metrics.expected_log_loss(t_all, probs_cal),
+                     "temperature": temps,
+                     "folds_raw": {k: score(f, ref) for k, f in frames.items()}}
+    return out
+
+
+def seed_summary(per_seed: list[dict[str, Any]], teacher_heldout: float | None) -> dict[str, Any]:
+    """Mean, standard deviation and standard error over seeds of KD - CE-only (held-out truth,
+    raw and calibrated), whether KD wins in every seed, and the issue 17 targets on them.
+
+    ``per_seed``: one :func:`heldout_students` result per seed (teachers fixed)."""
+    rows = [r for r in per_seed if r.get("kd") and r.get("ce_only")]
+    out: dict[str, Any] = {"n_seeds": len(rows)}
+    for which in ("raw", "calibrated"):
+        kd = np.array([r["kd"][which] for r in rows], dtype=np.float64)
+        ce = np.array([r["ce_only"][which] for r in rows], dtype=np.float64)
+        diff = kd - ce
+        sd = float(diff.std(ddof=1)) if len(diff) > 1 else None
+        se = sd / math.sqrt(len(diff)) if sd is not None else None
+        out[which] = {"kd_mean": float(kd.mean()) if len(kd) else None,
+                      "ce_only_mean": float(ce.mean()) if len(ce) else None,
+                      "kd_minus_ce": diff.tolist(), "kd_minus_ce_mean": float(diff.mean()) if len(diff) else None,
+                      "kd_minus_ce_sd": sd, "kd_minus_ce_se": se,
+                      "kd_wins_every_seed": bool(len(diff) and (diff < 0).all()),
+                      "mean_over_2se": (None if se is None or se == 0 else float(-diff.mean() / (2 * se)))}
+    out["teacher_heldout"] = teacher_heldout
+    tg: list[Target] = []
+    ce_raw = out["raw"]["ce_only_mean"]
+    if teacher_heldout is not None and ce_raw is not None:
+        tg.append(at_most("teachers - CE-only student (held-out truth, raw, mean over seeds)",
+                          teacher_heldout - ce_raw, 0.0, "teachers better than the label-only student"))
+    for which in ("raw", "calibrated"):
+        o = out[which]
+        worst = max(o["kd_minus_ce"]) if o["kd_minus_ce"] else None
+        tg.append(at_most(f"KD - CE-only, worst seed (held-out truth, {which})", worst, 0.0,
+                          f"{len(rows)} seeds; KD must win in every seed"))
+        ratio = o["mean_over_2se"]
+        tg.append(at_least(f"-(mean KD - CE) / (2 SE) ({which})", ratio, 1.0,
+                           "the mean gap more than twice its standard error over seeds"))
+    kd_cal = out["calibrated"]["kd_mean"]
+    if teacher_heldout is not None and kd_cal is not None:
+        tg.append(at_most("KD student - teachers (held-out truth, calibrated student, mean over seeds)",
+                          kd_cal - teacher_heldout, TARGET_KD_VS_TEACHER,
+                          "teachers' OOF probabilities as the recipe distils them (TTA, uncalibrated)"))
+    out["targets"] = [t.to_dict() for t in tg]
+    return out
+
+
+def seed_markdown(summary: dict[str, Any], per_seed: list[dict[str, Any]], labels: list[str]) -> str:
+    """The seed comparison as markdown (benchmark report)."""
+    lines = [(f"### KD vs CE-only students over {summary['n_seeds']} seeds (held-out folds' truth, pooled; "
+              f"teachers trained once: {_f(summary['teacher_heldout'])})"), "",
+             "| seed | KD raw | CE-only raw | KD − CE raw | KD calibrated | CE-only calibrated | KD − CE calibrated |",
+             "|---|---|---|---|---|---|---|"]
+    for lab, r in zip(labels, per_seed):
+        if not r.get("kd") or not r.get("ce_only"):
+            lines.append(f"| {lab} | – | – | – | – | – | – |")
+            continue
+        kr, cr, kc, cc = r["kd"]["raw"], r["ce_only"]["raw"], r["kd"]["calibrated"], r["ce_only"]["calibrated"]
+        lines.append(f"| {lab} | {_f(kr)} | {_f(cr)} | {_f(kr - cr)} | {_f(kc)} | {_f(cc)} | {_f(kc - cc)} |")
+    ra, ca = summary["raw"], summary["calibrated"]
+    lines.append(f"| mean | {_f(ra['kd_mean'])} | {_f(ra['ce_only_mean'])} | {_f(ra['kd_minus_ce_mean'])} | "
+                 f"{_f(ca['kd_mean'])} | {_f(ca['ce_only_mean'])} | {_f(ca['kd_minus_ce_mean'])} |")
+    lines.append(f"| sd (se) | | | {_f(ra['kd_minus_ce_sd'])} ({_f(ra['kd_minus_ce_se'])}) | | | "
+                 f"{_f(ca['kd_minus_ce_sd'])} ({_f(ca['kd_minus_ce_se'])}) |")
+    lines += ["", "| target (issue 17) | value | bound | met | missed by | note |", "|---|---|---|---|---|---|"]
+    for tg in summary["targets"]:
+        met = "–" if tg["met"] is None else ("yes" if tg["met"] else "**no**")
+        lines.append(f"| {tg['name']} | {_f(tg['value'])} | {tg['bound']} | {met} | {_f(tg['missed_by'])} | {tg['note']} |")
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_targets(rep: dict[str, Any]) -> list[Target]:
     """The targets of issue 8 on a report (None values: not measured, ``met`` None)."""
     out: list[Target] = []
@@ -561,6 +673,9 @@ def summary_fields(rep: dict[str, Any]) -> dict[str, Any]:
         "kd_vs_ce_on": kd_vs_ce(rep)[2],
         "kd_raw": rep["kd"]["test"]["mean"],
         "ce_only_raw": rep["ce_only"]["test"]["mean"],
+        "teacher_heldout": _mean([v["pooled"] for v in rep["teacher"].values()]) if rep.get("teacher") else None,
+        "kd_heldout": rep["kd"]["held_out"]["pooled"],
+        "ce_only_heldout": rep["ce_only"]["held_out"]["pooled"],
         "targets_met": sum(bool(t["met"]) for t in rep["targets"] if t["met"] is not None),
         "targets_measured": sum(t["met"] is not None for t in rep["targets"]),
     }

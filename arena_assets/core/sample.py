@@ -22,6 +22,12 @@ emoji outside the BMP, which ``json.dumps`` writes as the escaped surrogate pair
 ``\\ud83d\\ude00`` like the real data), responses of 10-60 words, about 15 % multi-turn rows,
 a few ``null`` turns, ids above 2^31, a pandas-style train.csv with model names.
 
+A second, opt-in task (``make_sample(..., task="interactions")``, issue 17) keeps the truth exact
+but adds what real preferences have and a tiny label-only model lacks the data to learn: marker
+words that count only in the prompt's topic, and style markers whose sign flips with the prompt's
+kind (see :func:`true_probs_interactions`). The default task (``"markers"``) is unchanged, byte for
+byte: the demo and its tests use it.
+
 ``external.csv`` (steps 1 and 3) mixes UltraFeedback-style rows (``prompt``, ``chosen``,
 ``rejected`` as role/content messages; the label drawn from the truth conditioned on "no tie") and
 Arena-conversation rows (``conversation_a``/``conversation_b``, ``winner``), with ids and texts
@@ -102,6 +108,93 @@ def true_probs(response_a: list[str | None], response_b: list[str | None]) -> li
     return [float(x) for x in p]
 
 
+# ---- the "interactions" task (issue 17) -------------------------------------------------------
+TASKS = ("markers", "interactions")
+TOPICS: dict[str, tuple[str, str]] = {
+    "code": ("compiles", "crashes"),
+    "math": ("proven", "miscalculated"),
+    "travel": ("scenic", "overbooked"),
+    "cooking": ("delicious", "burnt"),
+}
+"""Topic word in the prompt -> (good, bad) marker that counts ONLY when the prompt has that topic."""
+KIND_WORDS = ("briefly", "explain")
+"""Prompt kind: ``briefly`` makes ``concise`` good and ``elaborate`` bad, ``explain`` the reverse,
+neither word (a third of prompts) makes both neutral."""
+STYLE_MARKERS = ("concise", "elaborate")
+BETA_GLOBAL_X = 0.8
+"""Weight of the 8 global markers in the interactions task (1.2 in the markers task)."""
+BETA_TOPIC = 1.4
+"""Weight of an on-topic marker; an off-topic one weighs 0 (a distractor)."""
+BETA_STYLE = 1.0
+_TOPIC_MARKER_COUNT_P = [0.3, 0.4, 0.3]
+"""P(0, 1, 2 topic markers) per response; each on the prompt's topic with probability 1/2."""
+_STYLE_COUNT_P = [0.55, 0.45]
+"""P(0, 1) of each style marker per response."""
+_KIND_P = [1 / 3, 1 / 3, 1 / 3]
+"""P(briefly, explain, none)."""
+INTERACTION_WORDS = frozenset([*TOPICS, *(w for pair in TOPICS.values() for w in pair), *KIND_WORDS, *STYLE_MARKERS])
+
+
+def prompt_context(prompt: list[str | None]) -> tuple[str | None, int]:
+    """(topic, kind sign) of a prompt: the first topic word over its turns (None: no topic) and
+    +1 for ``briefly``, -1 for ``explain``, 0 for neither (the first kind word counts)."""
+    topic, sign = None, 0
+    seen_kind = False
+    for t in prompt:
+        for w in (t or "").split():
+            if topic is None and w in TOPICS:
+                topic = w
+            if not seen_kind and w in KIND_WORDS:
+                sign, seen_kind = (1 if w == KIND_WORDS[0] else -1), True
+    return topic, sign
+
+
+def interaction_score(prompt: list[str | None], response: list[str | None]) -> float:
+    """A response's score given its prompt: ``BETA_GLOBAL_X * (#good - #bad)`` over the 8 global
+    markers, ``+ BETA_TOPIC * (#good - #bad)`` over the prompt topic's own two markers only, ``+
+    BETA_STYLE * kind * (#concise - #elaborate)``."""
+    topic, sign = prompt_context(prompt)
+    good_t, bad_t = TOPICS[topic] if topic is not None else (None, None)
+    qg = qt = qs = 0
+    for t in response:
+        for w in (t or "").split():
+            if w in _GOOD:
+                qg += 1
+            elif w in _BAD:
+                qg -= 1
+            elif w == good_t:
+                qt += 1
+            elif w == bad_t:
+                qt -= 1
+            elif w == STYLE_MARKERS[0]:
+                qs += 1
+            elif w == STYLE_MARKERS[1]:
+                qs -= 1
+    return BETA_GLOBAL_X * qg + BETA_TOPIC * qt + BETA_STYLE * sign * qs
+
+
+def true_probs_interactions(prompt: list[str | None], response_a: list[str | None],
+                            response_b: list[str | None]) -> list[float]:
+    """The interactions task's truth: ``softmax([d/2, -d/2, TIE_LOGIT])`` with
+    ``d = interaction_score(prompt, A) - interaction_score(prompt, B)``. Symmetric under swapping A
+    and B (no position term: any position bias would belong to the labels' noise only)."""
+    d = interaction_score(prompt, response_a) - interaction_score(prompt, response_b)
+    logits = np.array([d / 2.0, -d / 2.0, TIE_LOGIT])
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    return [float(x) for x in p]
+
+
+def task_probs(task: str, prompt: list[str | None], response_a: list[str | None],
+               response_b: list[str | None]) -> list[float]:
+    """The truth of ``task`` for one row (``markers`` ignores the prompt)."""
+    if task == "markers":
+        return true_probs(response_a, response_b)
+    if task == "interactions":
+        return true_probs_interactions(prompt, response_a, response_b)
+    raise ValueError(f"unknown task {task!r}; one of {TASKS}")
+
+
 class _Gen:
     """Draws rows from one seeded generator (determinism: same seed -> same bytes)."""
 
@@ -151,6 +244,51 @@ class _Gen:
         return MODEL_NAMES[i], MODEL_NAMES[j]
 
 
+class _InteractionGen(_Gen):
+    """Rows of the interactions task: a topic word (always) and a kind word (two prompts in three)
+    at random positions of the prompt's first turn; responses carry global, topic (any topic: the
+    off-topic ones are distractors) and style markers."""
+
+    def row(self) -> tuple[list[str | None], list[str | None], list[str | None]]:
+        n_turns = 1 if self.rng.random() >= 0.15 else int(self.rng.integers(2, 4))
+        prompt: list[str | None] = [self.prompt_turn() for _ in range(n_turns)]
+        topic = str(self.rng.choice(list(TOPICS)))
+        kind = int(self.rng.choice(3, p=_KIND_P))
+        first = str(prompt[0]).split()
+        extra = [topic] + ([KIND_WORDS[kind]] if kind < 2 else [])
+        for w in extra:
+            first.insert(int(self.rng.integers(0, len(first) + 1)), w)
+        prompt[0] = " ".join(first)
+        a: list[str | None] = list(self.response_x(n_turns, topic))
+        b: list[str | None] = list(self.response_x(n_turns, topic))
+        u = self.rng.random()
+        if u < 0.01:
+            a, b = [None] * n_turns, [None] * n_turns
+        elif u < 0.02:
+            side = a if self.rng.random() < 0.5 else b
+            side[int(self.rng.integers(0, n_turns))] = None
+        return prompt, a, b
+
+    def response_x(self, n_turns: int, topic: str) -> list[str]:
+        n_good = int(self.rng.choice(4, p=_MARKER_COUNT_P))
+        n_bad = int(self.rng.choice(4, p=_MARKER_COUNT_P))
+        markers = [*self.rng.choice(GOOD_MARKERS, n_good), *self.rng.choice(BAD_MARKERS, n_bad)]
+        others = [t for t in TOPICS if t != topic]
+        for _ in range(int(self.rng.choice(3, p=_TOPIC_MARKER_COUNT_P))):
+            t = topic if self.rng.random() < 0.5 else str(self.rng.choice(others))
+            markers.append(TOPICS[t][int(self.rng.integers(0, 2))])
+        for w in STYLE_MARKERS:
+            if self.rng.random() < _STYLE_COUNT_P[1]:
+                markers.append(w)
+        n_words = int(self.rng.integers(10, 61))
+        words = self.words(max(n_words - len(markers), 1))
+        for m in markers:
+            words.insert(int(self.rng.integers(0, len(words) + 1)), str(m))
+        cuts = sorted(self.rng.choice(np.arange(1, len(words)), n_turns - 1, replace=False)) if n_turns > 1 else []
+        bounds = [0, *cuts, len(words)]
+        return [" ".join(words[bounds[k] : bounds[k + 1]]) for k in range(n_turns)]
+
+
 def _unique_ids(rng: np.random.Generator, n: int) -> list[str]:
     """``n`` distinct ids in [2^31 + 1, 2^41), as decimal strings (never floats)."""
     out: dict[int, None] = {}
@@ -179,6 +317,7 @@ def make_sample(
     test_rows: int = 500,
     external_rows: int = 4000,
     seed: int = 7,
+    task: str = "markers",
 ) -> dict[str, Any]:
     """Write ``train.csv``, ``test.csv``, ``external.csv`` and ``truth.json`` into ``out_dir``.
 
@@ -186,12 +325,20 @@ def make_sample(
     ``prior_logloss_test`` (both EXPECTED log-losses on the test rows, against their true
     probabilities: Bayes = mean entropy of the truth; prior = cross-entropy of the truth with the
     train label frequencies, i.e. what a constant model fitted on train scores).
+
+    ``task``: ``"markers"`` (the default; the demo's sample, byte for byte as before) or
+    ``"interactions"`` (issue 17: topic- and kind-dependent markers, :func:`true_probs_interactions`;
+    its external rows are all Arena-conversation rows whose labels, ties included, are drawn from
+    the same truth, so teachers trained on them learn the train rows' tie rate).
     """
     from arena_assets.core.metrics import entropy, expected_log_loss
 
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    g = _Gen(seed)
+    g = _Gen(seed) if task == "markers" else _InteractionGen(seed)
+    pairwise_external = task == "markers"
     n_all = train_rows + test_rows + external_rows
     ids = _unique_ids(g.rng, n_all)
     train_ids, test_ids, ext_ids = ids[:train_rows], ids[train_rows : train_rows + test_rows], ids[train_rows + test_rows :]
@@ -200,7 +347,7 @@ def make_sample(
     rows: list[dict[str, Any]] = []
     for rid in train_ids:
         p, a, b = g.row()
-        probs = true_probs(a, b)
+        probs = task_probs(task, p, a, b)
         k = g.outcome(probs)
         ma, mb = g.model_pair()
         truth["train"][rid] = probs
@@ -212,18 +359,18 @@ def make_sample(
     rows = []
     for rid in test_ids:
         p, a, b = g.row()
-        truth["test"][rid] = true_probs(a, b)
+        truth["test"][rid] = task_probs(task, p, a, b)
         rows.append({"id": rid, "prompt": json.dumps(p), "response_a": json.dumps(a), "response_b": json.dumps(b)})
     test_df = pd.DataFrame(rows)
 
     rows = []
     for i, rid in enumerate(ext_ids):
         p, a, b = g.row()
-        probs = true_probs(a, b)
+        probs = task_probs(task, p, a, b)
         ma, mb = g.model_pair()
         base = {"id": rid, "prompt": "", "chosen": "", "rejected": "", "conversation_a": "",
                 "conversation_b": "", "winner": "", "model_a": ma, "model_b": mb}
-        if i % 2 == 0:  # UltraFeedback-style pairwise row
+        if pairwise_external and i % 2 == 0:  # UltraFeedback-style pairwise row
             k = g.outcome(probs, no_tie=True)
             chosen, rejected = (a, b) if k == 0 else (b, a)
             base["chosen"] = json.dumps(_messages(p, chosen))
@@ -232,12 +379,15 @@ def make_sample(
                 base["prompt"] = p[0]  # plain text, as UltraFeedback stores it
             # the normalized orientation (read_external): chosen in A or B by the id's hash
             na, nb = (chosen, rejected) if chosen_goes_to_a(rid) else (rejected, chosen)
-            truth["external"][rid] = true_probs(na, nb)
+            truth["external"][rid] = task_probs(task, p, na, nb)
         else:  # Arena-conversation row
             k = g.outcome(probs)
             base["conversation_a"] = json.dumps(_messages(p, a))
             base["conversation_b"] = json.dumps(_messages(p, b))
-            both_bad = quality(a) < 0 and quality(b) < 0
+            if task == "markers":
+                both_bad = quality(a) < 0 and quality(b) < 0
+            else:
+                both_bad = interaction_score(p, a) < 0 and interaction_score(p, b) < 0
             base["winner"] = ["model_a", "model_b", "tie (bothbad)" if both_bad else "tie"][k]
             truth["external"][rid] = probs
         rows.append(base)
@@ -253,8 +403,9 @@ def make_sample(
             "prior_logloss_test": prior_ll,
             "train_prior": [float(x) for x in prior],
             "seed": seed,
+            **({} if task == "markers" else {"task": task}),
             "rows": {"train": train_rows, "test": test_rows, "external": external_rows},
-            "description": (
+            "description": _INTERACTIONS_DESCRIPTION if task == "interactions" else (
                 "P = softmax([d/2, -d/2, %g]), d = %g * (q(response_a) - q(response_b)), "
                 "q = #%s - #%s words over all turns of a response. Log-losses are expected values "
                 "on the test rows against these probabilities: bayes = mean entropy; prior = "
@@ -275,6 +426,18 @@ def make_sample(
         "external": str(out / "external.csv"),
         "truth": str(out / "truth.json"),
         "rows": truth["rows"],
+        "task": task,
         "bayes_logloss_test": bayes,
         "prior_logloss_test": prior_ll,
     }
+
+
+_TOPIC_TEXT = ", ".join(f"{t}: {g}/{b}" for t, (g, b) in TOPICS.items())
+_INTERACTIONS_DESCRIPTION = (
+    f"task interactions: P = softmax([d/2, -d/2, {TIE_LOGIT:g}]), d = s(prompt, response_a) - s(prompt, response_b), "
+    f"s = {BETA_GLOBAL_X:g} * (#{'/'.join(GOOD_MARKERS)} - #{'/'.join(BAD_MARKERS)}) + {BETA_TOPIC:g} * (#good - #bad "
+    f"topic marker of the PROMPT's topic only; topics {_TOPIC_TEXT}) + {BETA_STYLE:g} * kind * "
+    f"(#{STYLE_MARKERS[0]} - #{STYLE_MARKERS[1]}), kind = +1 with '{KIND_WORDS[0]}' in the prompt, -1 with "
+    f"'{KIND_WORDS[1]}', 0 otherwise. Log-losses are expected values on the test rows against these "
+    "probabilities. External rows: Arena-conversation rows, labels (ties included) drawn from the same truth."
+)
