@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import bench_gpu as B
+import numpy as np
 
 
 class Fmt:
@@ -82,7 +81,7 @@ def phase_gemmslab(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, A
         for name, (k, n) in linear_shapes(shape).items():
             x = x_big[:, :k].contiguous()
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
-            ms = _median_ms(lambda: F.linear(x, w))
+            ms = _median_ms(lambda x=x, w=w: F.linear(x, w))
             fl = 2.0 * m * k * n
             per[name] = {"ms": ms, "tflops": fl / ms / 1e9}
             tot_fl += fl
@@ -142,7 +141,6 @@ def profile_pass(fn: Any) -> dict[str, Any]:
 
 def phase_warmchild(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, Any], ceiling: float) -> None:
     """One fresh process's warm-up and TTA pass (see the module docstring)."""
-    import torch
 
     from arena_assets.core.settings import InferSettings
     from arena_assets.gpu.formatting import encode_rows
@@ -233,9 +231,9 @@ def phase_warmchild(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, 
     for slab in args.extra_slabs:
         try:
             inf2 = InferSettings(max_length=args.max_length, batch_size=16, tta=True, slab_tokens=slab, compile=True)
-            _, tw2 = B.timed(lambda: tta_logits(model, tok, warm_df, Fmt, inf2))
+            _, tw2 = B.timed(lambda i=inf2: tta_logits(model, tok, warm_df, Fmt, i))
             B.free()
-            z2, t2 = B.timed(lambda: tta_logits(model, tok, df, Fmt, inf2))
+            z2, t2 = B.timed(lambda i=inf2: tta_logits(model, tok, df, Fmt, i))
             res[f"tta_slab{slab}"] = {"warmup_s": tw2, "seconds": t2, "rows_per_s": len(df) / t2,
                                       "frac_of_ceiling": fl / t2 / 1e12 / ceiling if ceiling else None, "peak_gib": B.peak_gib(),
                                       "max_abs_logit_diff_vs_slab": float(np.abs(np.asarray(z2) - np.asarray(z)).max())}
@@ -271,7 +269,7 @@ def phase_warmup(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, Any
         t0 = time.perf_counter()
         try:
             limit = args.child_timeout * (2 if role == "cold" else 1)
-            p = subprocess.run(cmd, env=env, timeout=limit, capture_output=True, text=True)
+            p = subprocess.run(cmd, env=env, timeout=limit, capture_output=True, text=True, check=False)
             rc, tail = p.returncode, (p.stdout + p.stderr)[-1500:]
         except subprocess.TimeoutExpired as e:
             rc, tail = "timeout", str(e)[-500:]
