@@ -150,6 +150,23 @@ _NOT_COPIED = {"student_model", "baseline_student", "student_calibration", "stud
                "averaged_lora", "merged_model", "quantized_model", "tta_submission", "final_ensemble", ".checkpoints"}
 
 
+def _copy_of_run(src: Path, dst: Path, override: dict[str, Any], ignore: Any = None) -> tuple[Any, Any, Any, list[Any]]:
+    """``src`` (the main run's folder) copied to a fresh ``dst`` with ``override`` merged into its
+    arena.yaml: its definitions, settings, an ephemeral instance and the asset list."""
+    from dagster import DagsterInstance
+
+    from arena_assets.core.settings import _deep_merge, load_settings
+    from arena_assets.definitions import build_definitions
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, symlinks=True, ignore=ignore)
+    cfg = _deep_merge(yaml.safe_load((dst / "arena.yaml").read_text()), override)
+    (dst / "arena.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    defs = build_definitions(str(dst / "arena.yaml"))
+    return defs, load_settings(str(dst / "arena.yaml")), DagsterInstance.ephemeral(), list(defs.assets)
+
+
 def seed_override(i: int) -> dict[str, Any]:
     """Student seed ``i`` (0 = the pipeline's own): data order and adapter init, identical for the
     KD student and the CE-only student."""
@@ -161,16 +178,11 @@ def student_seed(work: Path, i: int) -> dict[str, Any]:
     """Re-train the KD and the CE-only student of every fold with student seed ``i`` on a copy of
     the main run's artifacts (the same bases, folds and teacher OOF: the teachers are trained
     once), through the recipe's own assets, and score both on the held-out folds' truth."""
-    from dagster import AssetKey, DagsterInstance, materialize
+    from dagster import AssetKey, materialize
 
     from arena_assets.core import quality
-    from arena_assets.core.settings import _deep_merge, load_settings
-    from arena_assets.definitions import build_definitions
 
     src = work / "known"
-    dst = work / f"seed-{i}"
-    if dst.exists():
-        shutil.rmtree(dst)
 
     def ignore(d: str, names: list[str]) -> list[str]:
         if Path(d) == src:
@@ -179,13 +191,8 @@ def student_seed(work: Path, i: int) -> dict[str, Any]:
             return [n for n in names if n in _NOT_COPIED]
         return []
 
-    shutil.copytree(src, dst, symlinks=True, ignore=ignore)
-    cfg = _deep_merge(yaml.safe_load((dst / "arena.yaml").read_text()), seed_override(i))
-    (dst / "arena.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    defs = build_definitions(str(dst / "arena.yaml"))
-    s = load_settings(str(dst / "arena.yaml"))
-    inst = DagsterInstance.ephemeral()
-    assets = list(defs.assets)
+    dst = work / f"seed-{i}"
+    defs, s, inst, assets = _copy_of_run(src, dst, seed_override(i), ignore)
     t0 = time.time()
     for k in range(s.folds.n_folds):
         for key in _STUDENT_KEYS:
@@ -243,22 +250,11 @@ def experiment(work: Path, name: str, override: dict[str, Any]) -> dict[str, Any
     Note that an override of a nested block (``teacher.train``) replaces its unnamed fields with
     the class defaults, not the parent's defaults: name every field that matters.
     """
-    from dagster import AssetKey, DagsterInstance, materialize
+    from dagster import AssetKey, materialize
 
-    from arena_assets.core.settings import _deep_merge, load_settings
-    from arena_assets.definitions import build_definitions
 
-    src = work / "known"
     dst = work / f"exp-{name}"
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, symlinks=True)
-    cfg = _deep_merge(yaml.safe_load((dst / "arena.yaml").read_text()), override)
-    (dst / "arena.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    defs = build_definitions(str(dst / "arena.yaml"))
-    s = load_settings(str(dst / "arena.yaml"))
-    inst = DagsterInstance.ephemeral()
-    assets = list(defs.assets)
+    defs, s, inst, assets = _copy_of_run(work / "known", dst, override)
     t0 = time.time()
     teachers = [k for f in s.teacher_families for k in (AssetKey([f, "teacher_model"]), AssetKey([f, "teacher_oof_probs"]))]
     students = [AssetKey("student_model"), AssetKey("student_calibration"), AssetKey("student_fold_submission")]

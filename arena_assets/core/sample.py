@@ -155,14 +155,10 @@ def interaction_score(prompt: list[str | None], response: list[str | None]) -> f
     BETA_STYLE * kind * (#concise - #elaborate)``."""
     topic, sign = prompt_context(prompt)
     good_t, bad_t = TOPICS[topic] if topic is not None else (None, None)
-    qg = qt = qs = 0
+    qt = qs = 0  # the global markers are quality()'s; these words are disjoint from them
     for t in response:
         for w in (t or "").split():
-            if w in _GOOD:
-                qg += 1
-            elif w in _BAD:
-                qg -= 1
-            elif w == good_t:
+            if w == good_t:
                 qt += 1
             elif w == bad_t:
                 qt -= 1
@@ -170,7 +166,7 @@ def interaction_score(prompt: list[str | None], response: list[str | None]) -> f
                 qs += 1
             elif w == STYLE_MARKERS[1]:
                 qs -= 1
-    return BETA_GLOBAL_X * qg + BETA_TOPIC * qt + BETA_STYLE * sign * qs
+    return BETA_GLOBAL_X * quality(response) + BETA_TOPIC * qt + BETA_STYLE * sign * qs
 
 
 def true_probs_interactions(prompt: list[str | None], response_a: list[str | None],

@@ -101,10 +101,12 @@ def _use_fast(model: Any) -> bool:
 
 
 def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: str = "tta",
-               max_length: int | None = None) -> np.ndarray:
+               max_length: int | None = None, rank: int = 0) -> np.ndarray:
     """Logits in the original orientation; with ``infer.tta`` the mean of original and swapped-back.
 
-    ``max_length``: rows cut to this many tokens instead of ``infer.max_length`` (teacher OOF)."""
+    ``max_length``: rows cut to this many tokens instead of ``infer.max_length`` (teacher OOF).
+    ``rank``: this process's shard under :func:`sharded_tta_logits` (gpu/compile_cache.py: rank 0
+    compiles and writes the portable cache, the others wait for it)."""
     length = int(max_length) if max_length is not None else infer.max_length
     if _use_fast(model):
         from arena_assets.gpu.packing import tta_logits_packed, uses_flex
@@ -116,7 +118,7 @@ def tta_logits(model: Any, tokenizer: Any, df: Any, fmt: Any, infer: Any, desc: 
                 from arena_assets.gpu.compile_cache import open_cache
                 from arena_assets.gpu.fast import compile_layers
 
-                cc = open_cache(model, infer, rank=_SHARD_RANK)  # before the first compiled call
+                cc = open_cache(model, infer, rank=rank)  # before the first compiled call
                 if cc is not None:
 
                     def after_first() -> None:  # the graphs exist once the first slab ran
@@ -248,21 +250,15 @@ def inference_devices(infer: Any) -> list[str]:
     return [str(i) for i in range(want)] if want > 1 else []
 
 
-_SHARD_RANK = 0
-"""This process's shard index under :func:`sharded_tta_logits` (0 in a single process): rank 0
-compiles and writes the portable compile cache, the others wait for it (gpu/compile_cache.py)."""
-
-
 def _shard_worker(device: str, model_dir: str, fmt: Any, infer: Any, table: str, rows: np.ndarray, desc: str,
                   rank: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-    """One shard in its own process: sees one GPU (``""``: none, tests), loads the model, runs TTA."""
-    global _SHARD_RANK
-    _SHARD_RANK = rank
+    """One shard in its own process: sees one GPU (``""``: none, tests), loads the model, runs TTA.
+    ``rank`` 0 compiles and writes the portable compile cache, the others wait for it."""
     os.environ["CUDA_VISIBLE_DEVICES"] = device  # before this process first touches CUDA
     model, tok = _load(model_dir)
     fp8 = apply_fp8(model, infer)
     df = read_table(table).iloc[rows].reset_index(drop=True)
-    z = tta_logits(model, tok, df, fmt, infer, desc=f"{desc} [gpu {device or 'none'}]")
+    z = tta_logits(model, tok, df, fmt, infer, desc=f"{desc} [gpu {device or 'none'}]", rank=rank)
     # this process sees one GPU as cuda:0: record the job's GPU index instead
     devices = [f"cuda:{device}" if d.startswith("cuda") and device else d for d in _devices(model)]
     return z, {**getattr(model, "arena_record", {}), **fp8, "devices": devices}

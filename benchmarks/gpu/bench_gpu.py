@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +297,21 @@ def synthetic_table(n_rows: int, seed: int, vocab_words: int = 3000) -> tuple[An
 
 
 # ----------------------------------------------------------------------------- TTA
+@contextmanager
+def fast_infer(on: bool) -> Iterator[None]:
+    """``ARENA_FAST_INFER`` for the block: off = ``predict.tta_logits``' plain fixed-batch loop
+    (what HF's forward does), on = its CUDA delegation to the packed/fast passes."""
+    old = os.environ.get("ARENA_FAST_INFER")
+    os.environ["ARENA_FAST_INFER"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ARENA_FAST_INFER", None)
+        else:
+            os.environ["ARENA_FAST_INFER"] = old
+
+
 def timed(fn: Any) -> tuple[Any, float]:
     sync()
     t = time.perf_counter()
@@ -337,35 +354,29 @@ def phase_tta(rec: Recorder, args: argparse.Namespace, shape: dict[str, Any], ce
     def run(name: str, attn: str, fn: Any, warm: Any, plain_loop: bool = False) -> None:
         # plain_loop: predict.tta_logits without its CUDA delegation to gpu/fast (ARENA_FAST_INFER=0),
         # i.e. the fixed-batch predict_logits loop with the given batch size and ordering
-        old_env = os.environ.get("ARENA_FAST_INFER")
-        os.environ["ARENA_FAST_INFER"] = "0" if plain_loop else "1"
-        try:
-            set_attn(model, attn)
-            free()
-            _, tw = timed(warm)
-            free()
-            z, t = timed(fn)
-            v = {
-                "attn": attn,
-                "seconds": t,
-                "warmup_seconds": tw,
-                "rows_per_s": len(df) / t,
-                "tokens_per_s": 2 * L.sum() / t,
-                "tflops": fl / t / 1e12,
-                "frac_of_ceiling": fl / t / 1e12 / ceiling if ceiling else None,
-                "peak_gib": peak_gib(),
-            }
-            res["variants"][name] = v
-            res.setdefault("_logits", {})[name] = np.asarray(z)[:8].round(4).tolist()
-            log.info("tta %s: %s", name, {k: v[k] for k in ("seconds", "rows_per_s", "frac_of_ceiling")})
-        except Exception as e:  # noqa: BLE001 - record and go on to the next variant
-            res["variants"][name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-            log.error("tta %s failed: %s", name, e)
-        finally:
-            if old_env is None:
-                os.environ.pop("ARENA_FAST_INFER", None)
-            else:
-                os.environ["ARENA_FAST_INFER"] = old_env
+        with fast_infer(not plain_loop):
+            try:
+                set_attn(model, attn)
+                free()
+                _, tw = timed(warm)
+                free()
+                z, t = timed(fn)
+                v = {
+                    "attn": attn,
+                    "seconds": t,
+                    "warmup_seconds": tw,
+                    "rows_per_s": len(df) / t,
+                    "tokens_per_s": 2 * L.sum() / t,
+                    "tflops": fl / t / 1e12,
+                    "frac_of_ceiling": fl / t / 1e12 / ceiling if ceiling else None,
+                    "peak_gib": peak_gib(),
+                }
+                res["variants"][name] = v
+                res.setdefault("_logits", {})[name] = np.asarray(z)[:8].round(4).tolist()
+                log.info("tta %s: %s", name, {k: v[k] for k in ("seconds", "rows_per_s", "frac_of_ceiling")})
+            except Exception as e:  # noqa: BLE001 - record and go on to the next variant
+                res["variants"][name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+                log.error("tta %s failed: %s", name, e)
         rec.put("tta", res)
 
     fastkw = {"max_rows": args.max_rows, "pad_multiple": args.pad_multiple}

@@ -28,13 +28,12 @@ def main() -> None:
     packing.register_attention()
     model.config._attn_implementation = packing.ATTN_NAME
     predict._use_fast = lambda m: True  # the packed, compiled GPU path, run on CPU
-    predict._SHARD_RANK = rank
 
     class Fmt:
         prompt_max_tokens = 12
 
     infer = InferSettings(max_length=96, tta=True, slab_tokens=512, compile=True, compile_cache=store)
-    z = predict.tta_logits(model, tok, df, Fmt, infer)
+    z = predict.tta_logits(model, tok, df, Fmt, infer, rank=rank)
     print(json.dumps({"record": model.arena_record if hasattr(model, "arena_record") else {},
                       "inductor": dict(counters["inductor"]), "logits": z.tolist()}))
 

@@ -77,6 +77,27 @@ def test_pack_layout() -> None:
         P.pack([[1] * 9], pad_id=0, total=8)
 
 
+@pytest.mark.parametrize("longest", [20, 40])
+def test_masks_take_the_longest_row_from_the_host(longest: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a slab needs Gemma-2's sliding-window mask is decided from the row lengths known when
+    packing, never by reading the positions back from the device (on a GPU that read made the host
+    wait for the previous slab once per slab, docs/gpu.md). Positions' ``max`` is made to fail."""
+    import torch
+
+    model = _model("gemma2", "eager", sliding_window=24)
+    rows = [[7] * longest, [8] * 5]
+    p = P.pack(rows, pad_id=0, total=64).to("cpu")
+    assert p.longest == longest
+
+    def no_device_read(*a: object, **k: object) -> None:
+        raise AssertionError("packed_masks read the positions back")
+
+    monkeypatch.setattr(torch.Tensor, "max", no_device_read)
+    masks = P.packed_masks(model, p)
+    needs_window = longest > 24
+    assert (masks["sliding_attention"] is not masks["full_attention"]) is needs_window
+
+
 @pytest.mark.parametrize("arch,attn", [("gemma2", "eager"), ("gemma2", P.ATTN_NAME), ("llama", "eager"), ("llama", P.ATTN_NAME)])
 def test_packed_logits_equal_unpacked(arch: str, attn: str) -> None:
     model = _model(arch, attn)
