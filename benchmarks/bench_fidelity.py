@@ -18,7 +18,7 @@ Writes ``benchmarks/results/fidelity.json`` (headline fields ``prior``, ``bayes`
 ``report``; ``real`` for the real rows) and ``benchmarks/results/fidelity.md`` (the tables).
 
     .venv/bin/python benchmarks/bench_fidelity.py [--work DIR] [--no-real] [--test-rows 4000]
-        [--task interactions|markers] [--seeds 5] [--quick]
+        [--task interactions|markers] [--seeds 5] [--quick] [--calibrate-teacher]
 
 Issue 17 (the default since): the known-answer sample is the harder ``interactions`` task
 (``core/sample.py``: topic-dependent markers, kind-dependent style markers), the benchmark's own
@@ -67,6 +67,10 @@ TASK_SETTINGS: dict[str, Any] = {
     "student": {"kd": {"alpha": 0.8, "temperature": 1.0}},
 }
 """The benchmark's settings for the interactions task, laid over the repository's arena.yaml."""
+CALIBRATE_TEACHER: dict[str, Any] = {"student": {"kd": {"calibrate_teacher": True}}}
+"""--calibrate-teacher (issue 17's V3, pre-registered in docs/fidelity.md): the KD students distil
+the teachers' OOF divided by a temperature fitted on each teacher's own held-out fold (its labels);
+the teachers, their OOF table and the CE-only students are unchanged."""
 QUICK = {"train_rows": 1000, "test_rows": 1000, "external_rows": 2000, "seeds": 2,
          "settings": {"teacher": {"max_external_rows": 1200}}}
 """--quick: the same recipe on a smaller sample, two seeds (iterating, not results)."""
@@ -330,6 +334,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=5, help="student seeds of the KD-vs-CE comparison")
     ap.add_argument("--quick", action="store_true",
                     help="smaller sample, two seeds, no real rows (minutes; for iterating, not results)")
+    ap.add_argument("--calibrate-teacher", action="store_true",
+                    help="KD students distil per-fold temperature-calibrated teacher OOF "
+                         "(student.kd.calibrate_teacher; docs/fidelity.md V3)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--rescore", action="store_true",
                     help="only re-score the artifacts of an earlier run in --work and update --out")
@@ -377,6 +384,10 @@ def main() -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     overrides: dict[str, Any] = json.loads(json.dumps(TASK_SETTINGS)) if args.task == "interactions" else {}
+    if args.calibrate_teacher:
+        from arena_assets.core.settings import _deep_merge
+
+        overrides = _deep_merge(overrides, CALIBRATE_TEACHER)
     if args.quick:
         from arena_assets.core.settings import _deep_merge
 

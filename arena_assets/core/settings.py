@@ -10,7 +10,8 @@ Staleness: each asset's Dagster ``code_version`` is :func:`settings_hash` of
 :meth:`Settings.for_step`: the step's own code version plus the settings its step function
 receives (derived from its typed signature in ``core/versions.py``), less the fields marked here
 with :func:`speed_only` or :func:`read_by_no_step`; fields marked :func:`hashed_as` enter as a
-derived value (the global batch, the attention math). So changing ``student.kd.alpha`` marks
+derived value (the global batch, the attention math); fields marked :func:`opt_in` only when set
+away from their default. So changing ``student.kd.alpha`` marks
 exactly the student's assets and their dependents stale, ``infer.batch_size`` nothing.
 """
 
@@ -43,6 +44,13 @@ def read_by_no_step(default: Any, why: str) -> Any:
     """A field no step function reads (kept so settings files stay valid): left out of every code
     version; tests/gpu/test_versions_oracle.py fails if a step starts reading it."""
     return Field(default, json_schema_extra={CODE_VERSION_KEY: "unused", "why": why})
+
+
+def opt_in(default: Any, why: str) -> Any:
+    """A switch added after runs exist, whose default keeps the earlier behaviour: it enters the
+    code version only when set to something else. So adding it marks nothing stale (a finished
+    run at the default is the same computation), and turning it on marks exactly its steps."""
+    return Field(default, json_schema_extra={CODE_VERSION_KEY: "opt_in", "why": why})
 
 
 def hashed_as(default: Any, derived: str) -> Any:
@@ -237,6 +245,11 @@ class KDSettings(_Frozen):
     label_smoothing: float = 0.05
     teacher_families: list[str] | None = None
     """None = every teacher family, averaged (1st place: qwen + llama)."""
+    calibrate_teacher: bool = opt_in(False, "off is the KD student as before the switch existed")
+    """Distil temperature-calibrated teachers (issue 17, docs/fidelity.md V3): each family's OOF
+    logits of each OOF fold are divided by the temperature fitted on that fold's labels (the
+    teacher's own held-out fold, which the student trains on), so an underconfident teacher's
+    softness is not copied. Off (the 1st place's recipe): the raw OOF probabilities."""
 
 
 class StudentSettings(_Frozen):

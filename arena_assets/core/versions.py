@@ -121,7 +121,7 @@ STEPS: dict[str, StepDef] = {
         "arena_assets.gpu.train:train_student", 3, bind={"cfg": "baseline"}, needs="student",
         # the asset passes no teacher OOF: the CE-only student never looks at the KD weights
         unread=("cfg.train.label_smoothing", "cfg.kd.alpha", "cfg.kd.mse_weight", "cfg.kd.cos_weight",
-                "cfg.kd.teacher_families"),
+                "cfg.kd.teacher_families", "cfg.kd.calibrate_teacher"),
     ),
     "calibration": StepDef(
         # 2: fitted on the fold model's TTA logits of its held-out rows (the logits the submissions
@@ -151,7 +151,7 @@ FAMILY_STEPS = ("post_pretrain", "teacher", "teacher_oof")
 # Field roles (the markers of core/settings.py) and derived values
 # --------------------------------------------------------------------------------------------
 def field_role(cls: type[BaseModel], name: str) -> str:
-    """``hashed`` | ``speed_only`` | ``unused`` | ``hashed_as:<derived>`` of one settings field."""
+    """``hashed`` | ``speed_only`` | ``unused`` | ``opt_in`` | ``hashed_as:<derived>`` of one settings field."""
     extra = cls.model_fields[name].json_schema_extra
     if isinstance(extra, dict) and S.CODE_VERSION_KEY in extra:
         return str(extra[S.CODE_VERSION_KEY])
@@ -417,6 +417,8 @@ def flatten(obj: BaseModel, prefix: str, ctx: ViewContext, skip: frozenset[str] 
             derived.add(role.split(":", 1)[1])
             continue
         value = getattr(obj, name)
+        if role == "opt_in" and value == cls.model_fields[name].default:
+            continue  # at its default the step computes what it did before the switch existed
         if isinstance(value, BaseModel):
             out.update(flatten(value, path, ctx, skip))
         elif isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):

@@ -45,7 +45,7 @@ from arena_assets.gpu.data import (
     read_table,
     teacher_logits_for,
 )
-from arena_assets.gpu.formatting import LABEL_COLUMNS
+from arena_assets.gpu.formatting import LABEL_COLUMNS, labels_of
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +457,32 @@ def teacher_training_rows(
     return rows, n_ext, info, notes
 
 
+def calibrated_teacher_logits(
+    teacher: np.ndarray, folds: np.ndarray, labels: np.ndarray, max_iter: int = 100
+) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Teacher logits (n, F, 3) with each family's rows of each OOF fold divided by the temperature
+    fitted on those rows' ``labels`` (``gpu.calibrate.fit_temperature``; T=1 kept if not better).
+
+    The rows of OOF fold j are teacher j's held-out fold, all of which a student of another fold
+    trains on: the fit reads only the student's own training rows and labels (fold-honest).
+    Returns the scaled logits and, per family, ``{fold: T}`` (a fold of -1: the OOF had no fold
+    column, one temperature for all rows)."""
+    from arena_assets.gpu.calibrate import fit_temperature
+
+    out = np.array(teacher, dtype=np.float32, copy=True)
+    folds = np.asarray(folds)
+    temps: list[dict[str, float]] = []
+    for j in range(out.shape[1]):
+        per: dict[str, float] = {}
+        for fold in sorted(set(folds.tolist())):
+            m = folds == fold
+            t, _, _ = fit_temperature(out[m, j].astype(np.float64), labels[m], max_iter)
+            out[m, j] = (out[m, j].astype(np.float64) / t).astype(np.float32)
+            per[str(int(fold))] = float(t)
+        temps.append(per)
+    return out, temps
+
+
 def train_student(
     base_dir: Any,
     cfg: StudentSettings,
@@ -485,6 +511,9 @@ def train_student(
                 "the OOF and the fold assignment disagree (teacher probs would leak)"
             )
         extra.update(teacher_families=fams)
+        if k.calibrate_teacher:
+            teacher, temps = calibrated_teacher_logits(teacher, folds, labels_of(rows))
+            extra.update(teacher_temperatures={f: temps[j] for j, f in enumerate(fams)})
     kdd = {
         "alpha": k.alpha if use_kd else 0.0,
         "temperature": k.temperature,

@@ -182,6 +182,20 @@ def test_every_field_changes_exactly_the_steps_receiving_it(path: str, cls: type
     assert stale == expected, f"{path}: stale {sorted(stale)}, receivers {receivers}"
 
 
+def test_an_opt_in_switch_at_its_default_changes_no_version() -> None:
+    """Adding an opt-in switch must not mark finished runs stale: at its default it is absent from
+    every step's view (the versions equal those of settings without the field), set it is hashed."""
+    base = Settings()
+    path = "student.kd.calibrate_teacher"
+    assert V.field_role(type(base.student.kd), "calibrate_teacher") == "opt_in"
+    views = [V.step_view(base, s, f)["settings"] for s, f in V.step_instances(base)]
+    assert not any(path in v for v in views)
+    on = mutated(base, path)
+    assert on.student.kd.calibrate_teacher is True
+    stale = {k for k, v in V.all_versions(base).items() if V.all_versions(on)[k] != v}
+    assert stale == {"student"}, stale  # the KD student only (the CE-only student declares it unread)
+
+
 def test_every_settings_field_is_hashed_somewhere_or_marked() -> None:
     """A field no step hashes is marked on the field, or declared unread by every step that
     receives it (``StepDef.unread``, checked by tests/gpu/test_versions_oracle.py)."""
