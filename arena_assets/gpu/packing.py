@@ -30,7 +30,9 @@ Nothing here imports torch at module import.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,6 +130,36 @@ def pack(rows: Sequence[Sequence[int]], pad_id: int, total: int | None = None, p
 _COMPILED: dict[str, Any] = {}
 _SCORE_MODS: dict[float | None, Any] = {}
 
+FLEX_KERNEL_OPTIONS: dict[tuple[tuple[int, int], int], dict[str, Any]] = {
+    # H100/H200 at Gemma-2's head dim 256: Inductor's default forward tile (64 x 32, 4 warps, 3 stages)
+    # ran the packed TTA slab's attention 1.61x slower than this on the H200 (bench_flex.py, docs/gpu.md)
+    ((9, 0), 256): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 2, "fwd_USE_TMA": True},
+}
+"""flex_attention ``kernel_options`` per (CUDA capability, head dim), measured with
+``benchmarks/gpu/bench_flex.py`` (docs/gpu.md); keys prefixed ``fwd_`` so the training backward
+keeps Inductor's own. Missing: Inductor's default configuration."""
+KERNEL_OPTIONS_ENV = "ARENA_FLEX_KERNEL_OPTIONS"
+"""JSON ``kernel_options`` that override the table for every head dim (``{}``: Inductor's default);
+for benchmarking configurations without editing code."""
+_FLEX_OPTS: dict[int, dict[str, Any] | None] = {}
+"""head dim -> the options this process uses, set by :func:`flex_kernel_options` outside the
+compiled region (a plain dict read when dynamo traces :func:`arena_flex_attention`)."""
+
+
+def flex_kernel_options(head_dim: int, device: Any) -> dict[str, Any] | None:
+    """The ``kernel_options`` :func:`arena_flex_attention` passes for this head dim on ``device``
+    (None: Inductor's default, and always on CPU); resolved once per process."""
+    import torch
+
+    if head_dim not in _FLEX_OPTS:
+        opts = None
+        if torch.device(device).type == "cuda":
+            env = os.environ.get(KERNEL_OPTIONS_ENV)
+            cap = tuple(torch.cuda.get_device_capability(device))
+            opts = json.loads(env) if env is not None else FLEX_KERNEL_OPTIONS.get((cap, head_dim))  # type: ignore[arg-type]
+        _FLEX_OPTS[head_dim] = dict(opts) if opts else None
+    return _FLEX_OPTS[head_dim]
+
 
 def _softcap_mod(softcap: float | None) -> Any:
     """One ``score_mod`` object per softcap value (a new closure per call would re-trace)."""
@@ -187,6 +219,7 @@ def arena_flex_attention(
         block_mask=attention_mask,
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
+        kernel_options=_FLEX_OPTS.get(int(query.shape[-1])),  # set by packed_masks (flex_kernel_options)
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -214,6 +247,55 @@ def _config(model: Any) -> Any:
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def doc_block_mask(doc: Any, mask_mod: Any, window: int | None = None, block: int = FLEX_BLOCK) -> Any:
+    """flex_attention ``BlockMask`` of a packed slab's causal document mask, built from its block
+    structure directly: no ``create_block_mask``.
+
+    Why: ``torch.compile(create_block_mask)`` (what ``_compile=True`` does) spent minutes compiling
+    on the H200 - over 200 s at 16384 tokens, 53 s at 8064 (the cold start of every TTA process;
+    pytorch/pytorch#182060, #138514: Triton unrolls the block sort), and eager
+    ``create_block_mask`` materialises the T x T mask on every slab. A packed slab's documents are
+    contiguous and numbered in order (``pack``: rows 0..n-1, then the pad tail), so a
+    ``block`` x ``block`` tile is decided by its first and last document ids alone: a q tile and
+    an earlier kv tile share a document iff the kv tile's last id equals the q tile's first; the
+    tile is full (no ``mask_mod`` needed) iff both are one and the same document; a diagonal tile
+    is always partial (the causal triangle). The sliding window (``q - kv < window``) bounds the
+    tile distance. Result: the same kv/full block tensors ``create_block_mask`` gives
+    (``tests/gpu/test_packing.py``), from O((T/block)^2) small integer ops and no compile.
+    ``doc`` must be non-decreasing (as ``pack`` makes it); T a multiple of ``block``."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    T = int(doc.shape[0])
+    if T % block:
+        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=doc.device, BLOCK_SIZE=block)
+    n = T // block
+    tiles = doc.view(n, block)
+    lo, hi = tiles[:, 0], tiles[:, -1]
+    i = torch.arange(n, device=doc.device)[:, None]  # q tile
+    j = torch.arange(n, device=doc.device)[None, :]  # kv tile
+    below = j < i
+    share = (j == i) | (below & (hi[None, :] == lo[:, None]))
+    one_doc = lo == hi
+    full = below & one_doc[:, None] & one_doc[None, :] & (lo[None, :] == lo[:, None])
+    if window is not None:
+        nearest = torch.clamp((i - j - 1) * block + 1, min=0)  # smallest q - kv between the tiles
+        farthest = (i - j) * block + block - 1
+        share = share & (nearest < window)
+        full = full & (farthest < window)
+    partial = share & ~full
+
+    def ordered(dense: Any) -> tuple[Any, Any]:
+        d = dense.to(torch.int32)
+        idx = torch.argsort(d, dim=-1, descending=True, stable=True)
+        return d.sum(-1)[None, None].to(torch.int32).contiguous(), idx[None, None].to(torch.int32).contiguous()
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
+
+
 def packed_masks(model: Any, batch: Packed) -> Any:
     """The mask(s) to pass as ``attention_mask``: a dict ``{"full_attention", "sliding_attention"}``
     for models with sliding-window layers (Gemma-2), else one mask. BlockMask for flex, else an
@@ -231,7 +313,6 @@ def packed_masks(model: Any, batch: Packed) -> Any:
     need_window = sliding and longest > int(window)  # a row longer than the window
 
     if uses_flex(model):
-        from torch.nn.attention.flex_attention import create_block_mask
 
         def causal_doc(b: Any, h: Any, q: Any, kv: Any) -> Any:
             return (doc[q] == doc[kv]) & (q >= kv)
@@ -239,11 +320,10 @@ def packed_masks(model: Any, batch: Packed) -> Any:
         def causal_doc_window(b: Any, h: Any, q: Any, kv: Any) -> Any:
             return (doc[q] == doc[kv]) & (q >= kv) & (q - kv < window)
 
-        def mk(fn: Any) -> Any:
-            return create_block_mask(fn, B=None, H=None, Q_LEN=T, KV_LEN=T, device=doc.device, _compile=doc.is_cuda)
-
-        full = mk(causal_doc)
-        slide = mk(causal_doc_window) if need_window else full
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        flex_kernel_options(int(head_dim), doc.device)  # resolved here, outside the compiled layers
+        full = doc_block_mask(doc, causal_doc)
+        slide = doc_block_mask(doc, causal_doc_window, window) if need_window else full
     else:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         q = torch.arange(T, device=doc.device)

@@ -894,9 +894,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="packed slab sizes (tokens) for the packed TTA variants")
     ap.add_argument("--ceiling-n", type=int, default=8192)
     sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    import bench_flex
     import bench_tta2
 
     bench_tta2.add_args(ap)
+    bench_flex.add_args(ap)
     args = ap.parse_args(argv)
     args.train_configs = [c.split(":") for c in args.train_configs.split(",") if c]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -912,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = c["tflops"]
         rec.put("ceiling", c)
         log.info("ceiling %.1f TFLOP/s", ceiling)
-    table = {**bench_tta2.PHASES, "gemm8": phase_gemm8, "fp8fid": phase_fp8fid, "gptq": phase_gptq, "tta": phase_tta,
+    table = {**bench_tta2.PHASES, **bench_flex.PHASES, "gemm8": phase_gemm8, "fp8fid": phase_fp8fid, "gptq": phase_gptq, "tta": phase_tta,
              "fp8": phase_fp8, "int8": phase_int8, "train": phase_train}
     for name in phases:  # in the order given: put a phase that may stall last
         fn = table.get(name)

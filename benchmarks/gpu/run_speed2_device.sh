@@ -4,6 +4,9 @@
 #                                                     # warm same dir, warm from the project's cache file), profile, HF sdpa
 #   bash benchmarks/gpu/run_speed2_device.sh rest     # FP8 mlp vs bf16 (both compiled), GPTQ 8-bit packed peak;
 #                                                     # returns the compile-cache files in parts
+#   bash benchmarks/gpu/run_speed2_device.sh flex     # flex_attention kernel configurations at head dim 256 (bench_flex.py)
+#   bash benchmarks/gpu/run_speed2_device.sh flexwarm # the forward configurations, then warm-up children (cold, warm from
+#                                                     # the project's cache) with the fastest; profile; HF sdpa
 #   bash benchmarks/gpu/run_speed2_device.sh fresh    # a fresh machine with .ccache/ (the files `rest` returned):
 #                                                     # warm-up from the project's cache file, profile; LoRA training
 # .whl/ (pydantic etc.; docs/gpu.md) carried; .whl3/ (GPTQModel) for `rest`; .ccache/ for `fresh`. TINY=1: on CPU.
@@ -42,6 +45,27 @@ case "$1" in
     ls -la "$STORE"
     # the compile-cache files travel back in parts of < 16 MB (the device returns at most 16 MB a file)
     (cd /tmp/arena-cc && tar czf - shared_store | split -b 15m -d - "$OUT/ccache.tgz.part")
+    ;;
+  flex)  # flex_attention kernel configurations at head dim 256, each in a fresh process (bench_flex.py)
+    timeout "${BENCH_TIMEOUT:-570}" $PY benchmarks/gpu/bench_gpu.py --out "$OUT" --phases ceiling,flexprobe "${SIZE[@]}" \
+      --cache-root /tmp/arena-cc --flex-mode "${FLEX_MODE:-fwd,fwdbwd}" --flex-budget "${FLEX_BUDGET:-350,180}" \
+      --flex-slabs 4 --flex-child-timeout "${CHILD_TIMEOUT:-200}" ${FLEX_CONFIGS:+--flex-configs "$FLEX_CONFIGS"} 2>&1 \
+      | grep -v "it/s\]\|s/it\]\|Warning\|warn(" > "$OUT/main.log"
+    ;;
+  flexwarm)  # the forward configurations, then the project's TTA warm-up children with the fastest one
+    timeout "${BENCH_TIMEOUT:-570}" $PY benchmarks/gpu/bench_gpu.py --out "$OUT" --phases ceiling,flexprobe,warmup "${SIZE[@]}" \
+      --cache-root /tmp/arena-cc --flex-mode fwd --flex-budget "${FLEX_BUDGET:-200}" --flex-slabs 4 --flex-adopt 1 \
+      --flex-child-timeout 90 --warmup-roles "${ROLES:-cold,warm_project_cache}" --sdpa "${SDPA:-1}" \
+      --child-timeout "${CHILD_TIMEOUT:-150}" ${FLEX_CONFIGS:+--flex-configs "$FLEX_CONFIGS"} 2>&1 \
+      | grep -v "it/s\]\|s/it\]\|Warning\|warn(" > "$OUT/main.log"
+    ;;
+  flextrain)  # more forward configurations and the training forward+backward ones; TTA with the fastest
+              # forward (warm-up child with the HF sdpa baseline); packed compiled LoRA training
+    timeout "${BENCH_TIMEOUT:-570}" $PY benchmarks/gpu/bench_gpu.py --out "$OUT" --phases ceiling,flexprobe,warmup,train "${SIZE[@]}" \
+      --cache-root /tmp/arena-cc --flex-mode fwd,fwdbwd --flex-budget "${FLEX_BUDGET:-200,100}" --flex-slabs 4 --flex-adopt 1 \
+      --flex-child-timeout 90 --warmup-roles warm_project_cache --sdpa 1 --child-timeout "${CHILD_TIMEOUT:-150}" \
+      --train-configs "${TRAIN_CONFIGS:-2000:4:0:arena_flex:pc,2000:6:0:arena_flex:pc}" --train-steps 8 --train-warmup 3 \
+      ${FLEX_CONFIGS:+--flex-configs "$FLEX_CONFIGS"} 2>&1 | grep -v "it/s\]\|s/it\]\|Warning\|warn(" > "$OUT/main.log"
     ;;
   fresh)
     [ -d .ccache ] && cat .ccache/ccache.tgz.part* | tar xzf - -C /tmp/arena-cc && ls -la "$STORE"

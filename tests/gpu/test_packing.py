@@ -98,6 +98,108 @@ def test_masks_take_the_longest_row_from_the_host(longest: int, monkeypatch: pyt
     assert (masks["sliding_attention"] is not masks["full_attention"]) is needs_window
 
 
+@pytest.mark.parametrize("block", [16, 128])
+@pytest.mark.parametrize("window", [None, 24, 100, 300])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_doc_block_mask_equals_create_block_mask(block: int, window: int | None, seed: int) -> None:
+    """The BlockMask built from the slab's tiles (no create_block_mask, whose compile took minutes
+    on the H200) has exactly the partial/full block tensors, both orientations, that torch's
+    create_block_mask derives from the dense mask: documents shorter and longer than a tile, rows
+    crossing tile edges, a pad tail, with and without a sliding window."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rng = np.random.default_rng(seed)
+    rows = [[1] * int(k) for k in rng.integers(1, 3 * block, size=40)]
+    total = -(-sum(map(len, rows)) // block) * block + block  # a pad tail of at least one tile
+    doc = P.pack(rows, pad_id=0, total=total).doc_ids[0]
+
+    def mod(b, h, q, kv):
+        ok = (doc[q] == doc[kv]) & (q >= kv)
+        return ok if window is None else ok & (q - kv < window)
+
+    got = P.doc_block_mask(doc, mod, window, block=block)
+    ref = create_block_mask(mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device="cpu", BLOCK_SIZE=block)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert int(got.kv_num_blocks.sum()) > 0
+    if window is None or window >= 2 * block:  # a full tile needs q - kv < window across it
+        assert int(got.full_kv_num_blocks.sum()) > 0
+    assert got.seq_lengths == (total, total) and got.mask_mod is mod
+
+
+def test_packed_masks_never_call_create_block_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slab's masks (full and sliding) come from the tiles: create_block_mask, whose compiled
+    form cost 200+ s of cold start per process on the H200, is not called for a slab on the tile
+    grid (the old code called it, compiled on CUDA, once per mask and slab)."""
+    import torch.nn.attention.flex_attention as fa
+
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("create_block_mask called")
+
+    monkeypatch.setattr(fa, "create_block_mask", refuse)
+    model = _model("gemma2", P.ATTN_NAME, sliding_window=24)
+    p = P.pack([[3] * 40, [4] * 30, [5] * 10], pad_id=0, total=128).to("cpu")
+    masks = P.packed_masks(model, p)
+    assert masks["sliding_attention"] is not masks["full_attention"]  # a row longer than the window
+    assert all(isinstance(m, fa.BlockMask) for m in masks.values())
+
+
+def test_doc_block_mask_falls_back_off_the_tile_grid() -> None:
+    """A slab length that is not a multiple of the tile goes to create_block_mask (same mask)."""
+    import torch
+
+    doc = P.pack([[1] * 50, [1] * 30], pad_id=0, total=100).doc_ids[0]
+
+    def mod(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (q >= kv)
+
+    bm = P.doc_block_mask(doc, mod, block=64)
+    dense = bm.to_dense()[0, 0]
+    assert dense.shape == (2, 2) and torch.equal(dense, torch.tensor([[1, 0], [1, 1]], dtype=dense.dtype))
+
+
+def test_flex_kernel_options_come_from_the_table_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per (capability, head dim) from FLEX_KERNEL_OPTIONS; $ARENA_FLEX_KERNEL_OPTIONS overrides it
+    ("{}" = Inductor's default); never on CPU; resolved once per process and head dim."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(P, "_FLEX_OPTS", {})
+    monkeypatch.setitem(P.FLEX_KERNEL_OPTIONS, ((9, 0), 256), {"fwd_BLOCK_M": 128})
+    monkeypatch.delenv(P.KERNEL_OPTIONS_ENV, raising=False)
+    assert P.flex_kernel_options(256, "cuda") == {"fwd_BLOCK_M": 128}
+    assert P.flex_kernel_options(128, "cuda") is None  # not in the table: Inductor's default
+    monkeypatch.setattr(P, "_FLEX_OPTS", {})
+    monkeypatch.setenv(P.KERNEL_OPTIONS_ENV, "{}")
+    assert P.flex_kernel_options(256, "cuda") is None
+    monkeypatch.setattr(P, "_FLEX_OPTS", {})
+    monkeypatch.setenv(P.KERNEL_OPTIONS_ENV, '{"fwd_num_warps": 8}')
+    assert P.flex_kernel_options(256, "cuda") == {"fwd_num_warps": 8}
+    monkeypatch.setattr(P, "_FLEX_OPTS", {})
+    assert P.flex_kernel_options(256, "cpu") is None
+
+
+def test_arena_flex_passes_the_resolved_kernel_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    seen: dict = {}
+
+    def fake_flex(q, k, v, **kw):
+        seen.update(kw)
+        return q
+
+    monkeypatch.setattr(P, "_flex", lambda device_type: fake_flex)
+    monkeypatch.setattr(P, "_FLEX_OPTS", {16: {"fwd_BLOCK_M": 64}})
+    doc = P.pack([[1] * 5, [1] * 3], pad_id=0, total=16).doc_ids[0]
+    bm = P.doc_block_mask(doc, lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv), block=16)
+    q, kv = torch.zeros(1, 4, 16, 16), torch.zeros(1, 2, 16, 16)
+    out, _ = P.arena_flex_attention(None, q, kv, kv, bm, scaling=0.25, softcap=5.0)
+    assert seen["kernel_options"] == {"fwd_BLOCK_M": 64} and seen["enable_gqa"] and seen["block_mask"] is bm
+    assert out.shape == (1, 16, 4, 16)
+
+
 @pytest.mark.parametrize("arch,attn", [("gemma2", "eager"), ("gemma2", P.ATTN_NAME), ("llama", "eager"), ("llama", P.ATTN_NAME)])
 def test_packed_logits_equal_unpacked(arch: str, attn: str) -> None:
     model = _model(arch, attn)
