@@ -211,6 +211,11 @@ def arena_flex_attention(
 
     if attention_mask is not None and not isinstance(attention_mask, BlockMask):
         raise TypeError("arena_flex needs a flex BlockMask (use packing.packed_logits or transformers' flex mask)")
+    import torch
+
+    head_dim = int(query.shape[-1])
+    if head_dim not in _FLEX_OPTS and not torch.compiler.is_compiling():  # a mask not from packed_masks
+        flex_kernel_options(head_dim, query.device)
     out = _flex(query.device.type)(
         query,
         key,
@@ -219,7 +224,7 @@ def arena_flex_attention(
         block_mask=attention_mask,
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
-        kernel_options=_FLEX_OPTS.get(int(query.shape[-1])),  # set by packed_masks (flex_kernel_options)
+        kernel_options=_FLEX_OPTS.get(head_dim),  # resolved outside the compiled region (flex_kernel_options)
     )
     return out.transpose(1, 2).contiguous(), None
 
