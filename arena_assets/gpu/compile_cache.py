@@ -46,20 +46,12 @@ def cache_folder(infer: Any) -> Path | None:
     return Path(where) if where else None
 
 
-def _flex_options(model: Any, device: Any) -> Any:
-    """The flex_attention kernel options the compiled graphs bake in (packing.flex_kernel_options)."""
-    from arena_assets.gpu.packing import flex_kernel_options
-
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    hd = getattr(cfg, "head_dim", None) or (cfg.hidden_size // cfg.num_attention_heads if cfg is not None else None)
-    return flex_kernel_options(int(hd), device) if hd else None
-
-
 def cache_key(model: Any, infer: Any) -> str:
     """What a compiled TTA pass depends on; a change of any of it is a new file."""
     import torch
     import transformers
+
+    from arena_assets.gpu.packing import flex_kernel_options, model_head_dim
 
     try:
         import triton
@@ -79,7 +71,7 @@ def cache_key(model: Any, infer: Any) -> str:
         "device": dev, "dtype": str(p.dtype), "config": cfg,
         "slab_tokens": getattr(infer, "slab_tokens", None), "fp8": getattr(infer, "fp8", "off"),
         "linears": sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}),
-        "flex_kernel_options": _flex_options(model, p.device),
+        "flex_kernel_options": flex_kernel_options(model_head_dim(model), p.device),  # baked into the graphs
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

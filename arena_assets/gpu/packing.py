@@ -252,6 +252,12 @@ def _config(model: Any) -> Any:
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def model_head_dim(model: Any) -> int:
+    """The attention head dim of a HF (or peft/DDP-wrapped) model's text config."""
+    cfg = _config(model)
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
 def doc_block_mask(doc: Any, mask_mod: Any, window: int | None = None, block: int = FLEX_BLOCK) -> Any:
     """flex_attention ``BlockMask`` of a packed slab's causal document mask, built from its block
     structure directly: no ``create_block_mask``.
@@ -325,8 +331,7 @@ def packed_masks(model: Any, batch: Packed) -> Any:
         def causal_doc_window(b: Any, h: Any, q: Any, kv: Any) -> Any:
             return (doc[q] == doc[kv]) & (q >= kv) & (q - kv < window)
 
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        flex_kernel_options(int(head_dim), doc.device)  # resolved here, outside the compiled layers
+        flex_kernel_options(model_head_dim(model), doc.device)  # resolved here, outside the compiled layers
         full = doc_block_mask(doc, causal_doc)
         slide = doc_block_mask(doc, causal_doc_window, window) if need_window else full
     else:

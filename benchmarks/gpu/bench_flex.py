@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -204,20 +203,8 @@ def _probe(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, Any], cei
             cmd.append("--tiny")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}  # Inductor's own, under cdir
         env.update(TORCHINDUCTOR_CACHE_DIR=str(cdir), PYTHONUNBUFFERED="1")
-        t0 = time.perf_counter()
-        try:
-            p = subprocess.run(cmd, env=env, timeout=min(args.flex_child_timeout, left), capture_output=True, text=True,
-                               check=False)
-            rc, tail = p.returncode, (p.stdout + p.stderr)[-1200:]
-        except subprocess.TimeoutExpired as e:
-            rc, tail = "timeout", str(e)[-300:]
-        try:
-            child = json.loads((out / "gpu_raw.json").read_text()).get("flexchild", {})
-        except Exception:  # noqa: BLE001 - the child died before writing
-            child = {}
-        child.update({"process_wall_s": time.perf_counter() - t0, "rc": rc})
-        if rc != 0 or "error" in child:
-            child["tail"] = tail
+        child = B.run_child(cmd, env, min(args.flex_child_timeout, left), out, "flexchild")
+        rc = child["rc"]
         res["configs"][name] = child
         rec.put(f"flexprobe_{args.flex_mode}", res)
         B.log.info("flex %s %s: rc %s compile %s s, %s ms/slab, frac %s", args.flex_mode, name, rc,

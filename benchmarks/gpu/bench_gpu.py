@@ -139,6 +139,26 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def run_child(cmd: list[str], env: dict[str, str], timeout: float, out: Path, key: str) -> dict[str, Any]:
+    """Run a phase in a fresh interpreter (``cmd`` writes ``out/gpu_raw.json``) and return its
+    record ``key`` with ``process_wall_s``, ``rc`` and, on a failure, the output's tail: what a
+    Slurm job, a pod or a GPU shard starts from (empty caches unless ``env`` points at some)."""
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, check=False)
+        rc, tail = p.returncode, (p.stdout + p.stderr)[-1500:]
+    except subprocess.TimeoutExpired as e:
+        rc, tail = "timeout", str(e)[-500:]
+    try:
+        child = json.loads((out / "gpu_raw.json").read_text()).get(key, {})
+    except Exception:  # noqa: BLE001 - the child died before writing
+        child = {}
+    child.update({"process_wall_s": time.perf_counter() - t0, "rc": rc})
+    if rc != 0 or "error" in child:
+        child["tail"] = tail
+    return child
+
+
 def versions() -> dict[str, Any]:
     import torch
     import transformers

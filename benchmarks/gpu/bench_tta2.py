@@ -22,9 +22,7 @@ Phases of ``bench_gpu.py`` (``--phases gemmslab,warmup``), kept here so that fil
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -260,24 +258,12 @@ def phase_warmup(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, Any
         if args.tiny:
             cmd.append("--tiny")
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cdir), PYTHONUNBUFFERED="1")
-        t0 = time.perf_counter()
-        try:
-            limit = args.child_timeout * (2 if role == "cold" else 1)
-            p = subprocess.run(cmd, env=env, timeout=limit, capture_output=True, text=True, check=False)
-            rc, tail = p.returncode, (p.stdout + p.stderr)[-1500:]
-        except subprocess.TimeoutExpired as e:
-            rc, tail = "timeout", str(e)[-500:]
-        wall = time.perf_counter() - t0
-        try:
-            child = json.loads((out / "gpu_raw.json").read_text()).get("warmchild", {})
-        except Exception:  # noqa: BLE001 - the child died before writing
-            child = {}
-        child.update({"process_wall_s": wall, "rc": rc})
-        if rc != 0:
-            child["tail"] = tail
+        limit = args.child_timeout * (2 if role == "cold" else 1)
+        child = B.run_child(cmd, env, limit, out, "warmchild")
+        wall = child["process_wall_s"]
         res[role] = child
         rec.put("warmup", res)
-        B.log.info("warmup %s: rc %s, wall %.1f s, warm-up %s s", role, rc, wall, child.get("warmup_s"))
+        B.log.info("warmup %s: rc %s, wall %.1f s, warm-up %s s", role, child["rc"], wall, child.get("warmup_s"))
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:

@@ -109,6 +109,23 @@ def test_key_follows_what_the_compiled_pass_depends_on() -> None:
     assert k != cache_key(model, base)
 
 
+def test_key_follows_the_flex_kernel_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled graphs bake in flex's kernel options (packing.flex_kernel_options): a file
+    compiled with another tile must not be taken for this one."""
+    from arena_assets.core.settings import InferSettings
+    from arena_assets.gpu import packing
+    from arena_assets.gpu.compile_cache import cache_key
+    from tests.gpu.test_fast import _tiny
+
+    _, _, model = _tiny(4)
+    hd = packing.model_head_dim(model)
+    infer = InferSettings(slab_tokens=512)
+    monkeypatch.setattr(packing, "_FLEX_OPTS", {hd: None})
+    k = cache_key(model, infer)
+    monkeypatch.setattr(packing, "_FLEX_OPTS", {hd: {"fwd_BLOCK_M": 128}})
+    assert cache_key(model, infer) != k
+
+
 def test_a_corrupt_file_costs_a_compile_not_the_run(tmp_path: Path) -> None:
     from arena_assets.core.settings import InferSettings
     from arena_assets.gpu.compile_cache import _OPENED, cache_key, open_cache
