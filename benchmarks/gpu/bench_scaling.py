@@ -63,7 +63,25 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _gather(x: float, world: int) -> list[float]:
+    """Every rank's value of ``x`` (rank order), on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [x]
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    out = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return [float(o.item()) for o in out]
+
+
 def run_tta(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
+    """The project's TTA path per rank: ``predict.tta_logits`` (packed, compiled, streamed encoding
+    with ``--attn arena_flex``) on this rank's shard (``fast.shard_rows``, balanced by characters as
+    ``predict.sharded_tta_logits`` does); ``--compile-cache``: ``InferSettings.compile_cache`` (rank 0
+    compiles and writes it, the others wait and load; a later process loads it). Records each rank's
+    warm-up and finish time, so the shards' imbalance is visible."""
     from arena_assets.core.settings import InferSettings
     from arena_assets.gpu.fast import shard_rows
     from arena_assets.gpu.predict import tta_logits
@@ -79,16 +97,27 @@ def run_tta(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
     mine = df.iloc[shard_rows(len(df), rank, world, chars)].reset_index(drop=True)
     warm, _ = B.synthetic_table(32, seed=2)
     model = B.build_model(shape, tok.pad_token_id, B._attn(args.attn))
-    inf = InferSettings(max_length=args.max_length, batch_size=16, tta=True, slab_tokens=args.slab)
-    tta_logits(model, tok, warm, Fmt, inf)  # warm-up / compile
+    inf = InferSettings(max_length=args.max_length, batch_size=16, tta=True, slab_tokens=args.slab,
+                        compile_cache=args.compile_cache)
+    B.sync()
+    t0 = time.perf_counter()
+    tta_logits(model, tok, warm, Fmt, inf, rank=rank)  # warm-up: compile, or load the cache
+    B.sync()
+    warmup_s = time.perf_counter() - t0
     _barrier()
     B.sync()
     t0 = time.perf_counter()
-    tta_logits(model, tok, mine, Fmt, inf)
+    tta_logits(model, tok, mine, Fmt, inf, rank=rank)
     B.sync()
     mine_s = time.perf_counter() - t0
-    slowest = _max_over_ranks(mine_s)
+    finish = _gather(mine_s, world)
+    warmups = _gather(warmup_s, world)
+    tokens = _gather(float(sum(chars[shard_rows(len(df), rank, world, chars)])) if chars is not None else float(len(mine)), world)
+    slowest = max(finish)
     return {"rows": len(df), "shard": args.shard, "rows_this_rank": len(mine), "seconds_this_rank": mine_s, "seconds_slowest": slowest,
+            "rank_seconds": finish, "rank_finish_spread": (max(finish) - min(finish)) / slowest if slowest else None,
+            "rank_warmup_s": warmups, "rank_shard_chars": tokens, "compile_cache": args.compile_cache,
+            "compile_record": {k: v for k, v in getattr(model, "arena_record", {}).items() if "compile" in k},
             "rows_per_s": len(df) / slowest, "attn": args.attn, "peak_gib": B.peak_gib()}
 
 
@@ -151,6 +180,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=2000)
     ap.add_argument("--attn", default="eager")
     ap.add_argument("--slab", type=int, default=16384)
+    ap.add_argument("--compile-cache", default=None, help="tta: InferSettings.compile_cache (node-local folder)")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name (e.g. _cold)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
@@ -166,7 +197,7 @@ def main() -> int:
                date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        f = Path(args.out) / f"scaling_{args.mode}_{world}.json"
+        f = Path(args.out) / f"scaling_{args.mode}_{world}{args.tag}.json"
         f.write_text(json.dumps(out, indent=2, default=str))
         print(f"scaling {args.mode} world={world}:", {k: v for k, v in out.items() if k not in ("versions", "step_times_s")})
     _barrier()
