@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -202,19 +202,48 @@ def swap_probs(x: np.ndarray) -> np.ndarray:
     return x[..., [1, 0, 2]]
 
 
+def encoded_chunks(
+    df: Any, tokenizer: Any, max_length: int, prompt_max_tokens: int, tta: bool, chunk_rows: int | None = None,
+    first_rows: int = 16,
+) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
+    """The rows' token ids as ``(index, ids)`` chunks: index ``i < n`` is row ``i`` as given, ``n + i``
+    row ``i`` A/B-swapped (with ``tta``; both orientations of a row in the same chunk, since they have
+    the same length). ``chunk_rows=None``: one chunk. Else the first chunk has ``first_rows`` rows and
+    each next one twice as many, up to ``chunk_rows``: why chunks at all: a consumer that runs on the
+    GPU asynchronously (the packed pass) launches the first slabs while the host encodes the rest,
+    instead of waiting for the whole table's tokenization (5 % of the H200 TTA pass, docs/gpu.md)."""
+    tf = tokenizer.arena_format
+    n = len(df)
+    lo, size = 0, (n if chunk_rows is None else max(1, min(first_rows, chunk_rows)))
+    while lo < n or (n == 0 and lo == 0):
+        hi = min(n, lo + size)
+        part = df.iloc[lo:hi]
+        idx = np.arange(lo, hi, dtype=np.int64)
+        ids = encode_rows(part, tokenizer, tf, max_length, prompt_max_tokens)
+        if tta:
+            ids = ids + encode_rows(part, tokenizer, tf, max_length, prompt_max_tokens, swap=True)
+            idx = np.concatenate([idx, idx + n])
+        yield idx, ids
+        if hi >= n:
+            return
+        lo = hi
+        size = min(2 * size, chunk_rows if chunk_rows is not None else n)
+
+
+def tta_mean(z: np.ndarray, n: int, tta: bool) -> np.ndarray:
+    """Logits of ``2n`` rows (as given, then swapped) to the TTA mean in the original orientation:
+    ``(z[:n] + swap_back(z[n:])) / 2``; ``z`` itself without ``tta``."""
+    return z if not tta else 0.5 * (z[:n] + swap_probs(z[n:]))
+
+
 def tta_in_one_pass(
     df: Any, tokenizer: Any, max_length: int, prompt_max_tokens: int, tta: bool, logits_of: Any
 ) -> np.ndarray:
     """TTA with both orientations in ONE call of ``logits_of(ids) -> (n, 3)``: rows as given and
     A/B-swapped have the same lengths, so a length-sorted or packed pass batches them together.
     Returns the mean of the original and the swapped-back logits (the rows as given if not ``tta``)."""
-    tf = tokenizer.arena_format
-    ids = encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens)
-    n = len(ids)
-    if tta:
-        ids = ids + encode_rows(df, tokenizer, tf, max_length, prompt_max_tokens, swap=True)
-    z = logits_of(ids)
-    return z if not tta else 0.5 * (z[:n] + swap_probs(z[n:]))
+    (_, ids), = encoded_chunks(df, tokenizer, max_length, prompt_max_tokens, tta)
+    return tta_mean(logits_of(ids), len(df), tta)
 
 
 def labels_of(df: Any) -> np.ndarray:

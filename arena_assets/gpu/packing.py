@@ -33,14 +33,14 @@ import bisect
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from arena_assets.gpu.formatting import tta_in_one_pass
+from arena_assets.gpu.formatting import encoded_chunks, tta_mean
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,40 @@ def pack_bins(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[np.nda
         bins[b].append(int(i))
         bisect.insort(free, (room - n, b))
     return [np.asarray(b, dtype=np.int64) for b in bins]
+
+
+KEEP_BACK = 0.9
+"""In a stream of chunks, a bin filled below this fraction waits for the next chunk's rows."""
+
+
+def stream_bins(
+    chunks: Iterable[tuple[np.ndarray, list[list[int]]]], capacity: int, keep_back: float = KEEP_BACK,
+) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
+    """Bins of ``capacity`` tokens, as ``(row index, ids)``, from a stream of encoded chunks
+    (``formatting.encoded_chunks``): each chunk is packed best-fit decreasing together with the rows
+    of the previous chunk's bins that were filled below ``keep_back``; the last chunk keeps nothing
+    back. Why: the GPU runs one chunk's slabs while the host encodes the next, and the carried rows
+    keep the slabs about as full as one packing of the whole table (each slab computes ``capacity``
+    tokens whether full or not)."""
+    carry_idx: list[int] = []
+    carry_ids: list[list[int]] = []
+    it = iter(chunks)
+    nxt = next(it, None)
+    while nxt is not None:
+        idx, ids = nxt
+        nxt = next(it, None)
+        idx_all = carry_idx + [int(i) for i in idx]
+        ids_all = carry_ids + list(ids)
+        lengths = [len(x) for x in ids_all]
+        if lengths and max(lengths) > capacity:
+            raise ValueError(f"slab_tokens {capacity} < longest row {max(lengths)}")
+        carry_idx, carry_ids = [], []
+        for b in pack_bins(lengths, capacity):
+            if nxt is not None and sum(lengths[i] for i in b) < keep_back * capacity:
+                carry_idx += [idx_all[i] for i in b]
+                carry_ids += [ids_all[i] for i in b]
+                continue
+            yield np.asarray([idx_all[i] for i in b], dtype=np.int64), [ids_all[i] for i in b]
 
 
 @dataclass
@@ -383,6 +417,12 @@ def packed_logits(model: Any, batch: Packed) -> Any:
 
 
 # ---------------------------------------------------------------------------------- inference
+CHUNK_ROWS = 64
+"""Rows encoded per chunk of a streamed packed TTA pass (after a first chunk of 16; both
+orientations: about 5-6 slabs of 16k tokens on the arena length mix, so the host's encoding of a
+chunk is far shorter than the GPU's work on the slab queued ahead of it)."""
+
+
 def logits_of_ids_packed(
     model: Any, ids: list[list[int]], pad_id: int, slab_tokens: int = SLAB_TOKENS, desc: str = "predict-packed",
     after_first: Any = None,
@@ -391,21 +431,28 @@ def logits_of_ids_packed(
     (one shape: compiled layers compile once). ``slab_tokens`` bounds activation memory like a
     token budget: 16384 is plenty to fill an H100; use 4096-8192 on 16 GB cards.
     ``after_first``: called once after the first slab (the compiled graphs exist by then)."""
+    return logits_of_chunks_packed(model, [(np.arange(len(ids)), ids)], len(ids), pad_id, slab_tokens, desc, after_first)
+
+
+def logits_of_chunks_packed(
+    model: Any, chunks: Iterable[tuple[np.ndarray, list[list[int]]]], n: int, pad_id: int,
+    slab_tokens: int = SLAB_TOKENS, desc: str = "predict-packed", after_first: Any = None,
+) -> np.ndarray:
+    """(n, 3) float64 logits of rows arriving as ``(row index, ids)`` chunks (:func:`stream_bins`).
+    Nothing here waits for the GPU until every slab is launched: a chunk is packed and its slabs
+    queued while the GPU still runs the previous ones, so a generator of chunks that encodes lazily
+    overlaps the host's tokenization with the GPU's work."""
     import torch
     from tqdm.auto import tqdm
 
-    longest = max((len(x) for x in ids), default=0)
-    if longest > slab_tokens:
-        raise ValueError(f"slab_tokens {slab_tokens} < longest row {longest}")
-    bins = pack_bins([len(x) for x in ids], slab_tokens)
     dev = next(p.device for p in model.parameters())
     done: list[tuple[np.ndarray, Any]] = []
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for b in tqdm(bins, desc=desc, leave=False, disable=len(bins) < 8):
-                batch = pack([ids[i] for i in b], pad_id, total=slab_tokens)
+        with torch.inference_mode(), tqdm(total=n, desc=desc, leave=False, disable=n < 64, unit="row") as bar:
+            for b, rows in stream_bins(chunks, slab_tokens):
+                batch = pack(rows, pad_id, total=slab_tokens)
                 if dev.type == "cuda":
                     pinned = (t.pin_memory() for t in (batch.input_ids, batch.position_ids, batch.doc_ids, batch.ends))
                     batch = Packed(*pinned, batch.rows, batch.longest)
@@ -415,12 +462,13 @@ def logits_of_ids_packed(
                 # slab, and the GPU then idled while the host built the next slab (7.5 % of the pass's
                 # wall time in the H200 profile, docs/gpu.md)
                 done.append((b, packed_logits(model, batch).float()))
+                bar.update(len(b))
                 if after_first is not None:  # e.g. write the compile cache once the graphs exist
                     after_first()
                     after_first = None
     finally:
         model.train(was_training)
-    out = np.zeros((len(ids), 3), dtype=np.float64)
+    out = np.zeros((n, 3), dtype=np.float64)
     for b, z in done:
         out[b] = z.cpu().numpy()
     return out
@@ -435,14 +483,15 @@ def tta_logits_packed(
     tta: bool = True,
     slab_tokens: int = SLAB_TOKENS,
     after_first: Any = None,
+    chunk_rows: int | None = CHUNK_ROWS,
 ) -> np.ndarray:
     """``predict.tta_logits``'s result (mean of original and swapped-back logits) with both
-    orientations packed into the same slabs."""
-    return tta_in_one_pass(
-        df, tokenizer, max_length, prompt_max_tokens, tta,
-        lambda ids: logits_of_ids_packed(model, ids, tokenizer.pad_token_id, slab_tokens, desc="tta-packed",
-                                         after_first=after_first),
-    )
+    orientations packed into the same slabs, the table encoded in chunks of ``chunk_rows`` rows
+    while the GPU runs the slabs already packed (``None``: encode everything first)."""
+    chunks = encoded_chunks(df, tokenizer, max_length, prompt_max_tokens, tta, chunk_rows)
+    n = len(df) * (2 if tta else 1)
+    z = logits_of_chunks_packed(model, chunks, n, tokenizer.pad_token_id, slab_tokens, "tta-packed", after_first)
+    return tta_mean(z, len(df), tta)
 
 
 # ---------------------------------------------------------------------------------- training

@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu/run_speed2_device.sh flex     # flex_attention kernel configurations at head dim 256 (bench_flex.py)
 #   bash benchmarks/gpu/run_speed2_device.sh flexwarm # the forward configurations, then warm-up children (cold, warm from
 #                                                     # the project's cache) with the fastest; profile; HF sdpa
+#   bash benchmarks/gpu/run_speed2_device.sh stream   # TTA with streamed encoding vs encode-first (same warm process),
+#                                                     # cold and warm children, profile, HF sdpa
 #   bash benchmarks/gpu/run_speed2_device.sh fresh    # a fresh machine with .ccache/ (the files `rest` returned):
 #                                                     # warm-up from the project's cache file, profile; LoRA training
 # .whl/ (pydantic etc.; docs/gpu.md) carried; .whl3/ (GPTQModel) for `rest`; .ccache/ for `fresh`. TINY=1: on CPU.
@@ -24,7 +26,7 @@ if [ -z "$TINY" ]; then
   PY=python3
   nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import os,torch._inductor.config as c; print('cpus', len(os.sched_getaffinity(0)), 'compile_threads', c.compile_threads)"
-  SIZE=(--rows 256 --slabs 16384)
+  SIZE=(--rows "${ROWS:-256}" --slabs 16384)
 else
   PY=.venv/bin/python
   SIZE=(--tiny --rows 32 --slabs 1024 --max-length 512)
@@ -66,6 +68,12 @@ case "$1" in
       --flex-child-timeout 90 --warmup-roles warm_project_cache --sdpa 1 --child-timeout "${CHILD_TIMEOUT:-150}" \
       --train-configs "${TRAIN_CONFIGS:-2000:4:0:arena_flex:pc,2000:6:0:arena_flex:pc}" --train-steps 8 --train-warmup 3 \
       ${FLEX_CONFIGS:+--flex-configs "$FLEX_CONFIGS"} 2>&1 | grep -v "it/s\]\|s/it\]\|Warning\|warn(" > "$OUT/main.log"
+    ;;
+  stream)  # TTA with the table encoded in chunks while the GPU runs (issue 19, fourth pass): cold child (compile,
+           # profile), warm child from the project's cache: streamed vs encode-first interleaved, profile, HF sdpa
+    timeout "${BENCH_TIMEOUT:-540}" $PY benchmarks/gpu/bench_gpu.py --out "$OUT" --phases ceiling,warmup "${SIZE[@]}" \
+      --cache-root /tmp/arena-cc --warmup-roles "${ROLES:-cold,warm_project_cache}" --sdpa "${SDPA:-1}" --ab 1 \
+      --reps "${REPS:-3}" --extra-slabs "${EXTRA_SLABS:-}" --child-timeout "${CHILD_TIMEOUT:-240}" 2>&1 | grep -v "it/s\]\|s/it\]\|Warning\|warn(" > "$OUT/main.log"
     ;;
   fresh)
     [ -d .ccache ] && cat .ccache/ccache.tgz.part* | tar xzf - -C /tmp/arena-cc && ls -la "$STORE"

@@ -214,6 +214,8 @@ def main() -> int:
         }
     out["scaling_cards_note"] = "2-GPU figures ran on an nvidia-h200-x2 machine (the kind the device tool lent); both sides of each ratio on that machine"
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    if OUT.exists():  # keep what later passes added by hand (h200_second_pass ... and their top-level fields)
+        out = {**json.loads(OUT.read_text()), **out}
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(OUT)

@@ -263,3 +263,81 @@ def test_training_settings_pick_the_collator() -> None:
     c = make_collator(TrainSettings(packing=True, packing_slab_tokens=512, per_device_batch_size=2, max_length=256), 0)
     assert isinstance(c, P.PackedCollator)
     assert c([{"input_ids": [1, 2, 3]}])["input_ids"].shape == (1, 512)
+
+
+# ------------------------------------------------------------------ streamed TTA (issue 19, fourth pass)
+def _chunks(lengths, sizes):
+    at = 0
+    for k in sizes:
+        idx = np.arange(at, at + k)
+        yield idx, [[1] * int(lengths[i]) for i in idx]
+        at += k
+
+
+def test_stream_bins_cover_every_row_once_and_pack_as_tight_as_one_packing() -> None:
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(20, 2000, size=600)
+    sizes = [16, 32] + [64] * 8 + [40]
+    assert sum(sizes) == len(lengths)
+    bins = list(P.stream_bins(_chunks(lengths, sizes), 16384))
+    seen = np.concatenate([b for b, _ in bins])
+    assert sorted(seen.tolist()) == list(range(len(lengths)))  # every row once
+    for b, ids in bins:
+        assert [len(x) for x in ids] == lengths[b].tolist()  # ids travel with their index
+        assert lengths[b].sum() <= 16384
+    whole = P.pack_bins(lengths, 16384)
+    assert len(bins) <= len(whole) + 1  # carrying the under-filled bins: about one packing's count
+    naive = sum(len(P.pack_bins(lengths[i:i + k], 16384)) for i, k in zip(np.cumsum([0] + sizes[:-1]), sizes))
+    assert len(bins) < naive  # without carrying, every chunk would leave its own part-filled slab
+    with pytest.raises(ValueError, match="longest row"):
+        list(P.stream_bins(_chunks(np.array([10, 300]), [1, 1]), 256))
+
+
+def _tta_table(n_rows: int = 40):
+    import pandas as pd
+
+    from arena_assets.gpu.formatting import TINY_FORMAT, corpus_texts
+    from arena_assets.gpu.models import train_word_tokenizer
+
+    rng = np.random.default_rng(5)
+
+    def text(k: int) -> str:
+        return json.dumps([" ".join(f"w{j}" for j in rng.integers(0, 50, size=k))])
+
+    df = pd.DataFrame({"id": [str(i) for i in range(n_rows)],
+                       "prompt": [text(int(k)) for k in rng.integers(1, 12, n_rows)],
+                       "response_a": [text(int(k)) for k in rng.integers(1, 40, n_rows)],
+                       "response_b": [text(int(k)) for k in rng.integers(1, 40, n_rows)]})
+    tok = train_word_tokenizer(corpus_texts([df], TINY_FORMAT), vocab_size=300)
+    tok.arena_format = TINY_FORMAT
+    return df, tok
+
+
+def test_streamed_tta_equals_encoding_everything_first() -> None:
+    from arena_assets.gpu.formatting import tta_in_one_pass
+
+    df, tok = _tta_table()
+    model = _model("gemma2", P.ATTN_NAME)
+    ref = tta_in_one_pass(df, tok, 64, 8, True, lambda ids: _one_by_one(model, ids).astype(np.float64))
+    z = P.tta_logits_packed(model, tok, df, 64, 8, tta=True, slab_tokens=256, chunk_rows=8)
+    assert np.abs(z - ref).max() < 1e-4
+    plain = P.tta_logits_packed(model, tok, df, 64, 8, tta=False, slab_tokens=256, chunk_rows=8)
+    ref_plain = tta_in_one_pass(df, tok, 64, 8, False, lambda ids: _one_by_one(model, ids).astype(np.float64))
+    assert np.abs(plain - ref_plain).max() < 1e-4 and np.abs(plain - z).max() > 1e-4  # TTA really averages
+
+
+def test_the_first_slab_runs_before_the_whole_table_is_encoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The semantics that hides the host's tokenization behind the GPU: slabs are launched while
+    later chunks are still to be encoded (the old pass encoded all rows, then ran)."""
+    from arena_assets.gpu import formatting as F
+
+    df, tok = _tta_table(100)
+    model = _model("gemma2", P.ATTN_NAME)
+    encoded: list[int] = []
+    real = F.encode_rows
+    monkeypatch.setattr(F, "encode_rows", lambda part, *a, **k: (encoded.append(len(part)), real(part, *a, **k))[1])
+    at_first_forward: list[int] = []
+    model.register_forward_pre_hook(lambda *_: at_first_forward.append(sum(encoded)) if not at_first_forward else None)
+    P.tta_logits_packed(model, tok, df, 64, 8, tta=True, slab_tokens=256)  # the default chunks
+    assert sum(encoded) == 2 * len(df)  # each row once per orientation
+    assert at_first_forward and at_first_forward[0] < sum(encoded)
