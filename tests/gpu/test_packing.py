@@ -313,6 +313,24 @@ def _tta_table(n_rows: int = 40):
     return df, tok
 
 
+def test_encoded_chunks_grow_and_keep_each_rows_orientations_together() -> None:
+    from arena_assets.gpu.formatting import encoded_chunks
+
+    df, tok = _tta_table(150)
+    chunks = list(encoded_chunks(df, tok, 64, 8, True, chunk_rows=64))
+    assert [len(i) // 2 for i, _ in chunks] == [16, 32, 64, 38]  # 16, doubling, capped at 64
+    for idx, ids in chunks:
+        half = len(idx) // 2
+        assert (idx[half:] == idx[:half] + len(df)).all()  # a row and its swap in one chunk
+        assert [len(x) for x in ids[:half]] == [len(x) for x in ids[half:]]
+    (whole_idx, whole), = encoded_chunks(df, tok, 64, 8, True)  # one chunk: what tta_in_one_pass reads
+    assert (whole_idx == np.arange(2 * len(df))).all()
+    by_index = {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)}
+    assert [by_index[i] for i in range(2 * len(df))] == whole  # the same ids, only chunked
+    (empty_idx, empty), = encoded_chunks(df.head(0), tok, 64, 8, True, chunk_rows=64)
+    assert len(empty_idx) == 0 and empty == []
+
+
 def test_streamed_tta_equals_encoding_everything_first() -> None:
     from arena_assets.gpu.formatting import tta_in_one_pass
 
