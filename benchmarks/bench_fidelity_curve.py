@@ -188,6 +188,26 @@ def point(src: Path, work: Path, n: int, extra_seed: int, layers: int | None, wi
     }
 
 
+def _row_loss(oof_path: Path, truth: dict[str, Any]) -> tuple[list[str], Any]:
+    """(ids, per-row expected log-loss against the truth) of a teacher OOF parquet."""
+    import numpy as np
+    import pandas as pd
+
+    from arena_assets.core import quality
+
+    o = pd.read_parquet(oof_path)
+    ids = o["id"].astype(str).tolist()
+    ref = quality.reference(truth["train"], ids)
+    return ids, -(ref * np.log(quality.frame_probs(o))).sum(1)
+
+
+def _paired(d: Any) -> dict[str, float]:
+    """Mean of per-row differences on the same rows, with its standard error."""
+    import numpy as np
+
+    return {"raw_diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+
+
 V3_REST_S = 1859.2 - 474.7
 """V3's full benchmark (fidelity.json ``wall_s``, 1859 s) less its five teachers' training (474.7 s,
 their ``teacher_model`` result.json ``timings.wall_s``; their OOF inference, 20 s, stays in)."""
@@ -208,13 +228,9 @@ def summary(body: dict[str, Any], work: Path, src: Path, family: str = "gemma_la
     out: dict[str, Any] = {"family": family, "paired": []}
     prev = None
     for p in pts:
-        o = pd.read_parquet(work / f"{family}_n{p['n_external']}" / "oof" / "oof.parquet")
-        ref = quality.reference(truth["train"], o["id"].astype(str).tolist())
-        loss = -(ref * np.log(o[["p_a", "p_b", "p_tie"]].to_numpy(np.float64))).sum(1)
+        _, loss = _row_loss(work / f"{family}_n{p['n_external']}" / "oof" / "oof.parquet", truth)
         if prev is not None:
-            d = loss - prev[1]
-            out["paired"].append({"from": prev[0], "to": p["n_external"], "raw_diff": float(d.mean()),
-                                  "se": float(d.std(ddof=1) / np.sqrt(len(d)))})
+            out["paired"].append({"from": prev[0], "to": p["n_external"], **_paired(loss - prev[1])})
         prev = (p["n_external"], loss)
     rows = np.array([p["rows_trained"] for p in pts], dtype=np.float64)
     gap = np.array([p["gap_closed_calibrated"] for p in pts])
@@ -252,13 +268,12 @@ def summary(body: dict[str, Any], work: Path, src: Path, family: str = "gemma_la
             continue
         same = [p for p in pts if p["n_external"] == q["n_external"]]
         if same:
-            a = pd.read_parquet(work / f"{q['teacher']['family']}_n{q['n_external']}" / "oof" / "oof.parquet")
-            b = pd.read_parquet(work / f"{family}_n{q['n_external']}" / "oof" / "oof.parquet").set_index("id").loc[a["id"]]
-            ref = quality.reference(truth["train"], a["id"].astype(str).tolist())
-            d = (-(ref * np.log(a[["p_a", "p_b", "p_tie"]].to_numpy(np.float64))).sum(1)
-                 + (ref * np.log(b[["p_a", "p_b", "p_tie"]].to_numpy(np.float64))).sum(1))
+            ids, a = _row_loss(work / f"{q['teacher']['family']}_n{q['n_external']}" / "oof" / "oof.parquet", truth)
+            b_ids, b = _row_loss(work / f"{family}_n{q['n_external']}" / "oof" / "oof.parquet", truth)
+            b = pd.Series(b, index=b_ids).loc[ids].to_numpy()
+            pd_ = _paired(a - b)
             others[f"{q['teacher']['family']}_n{q['n_external']}"] = {
-                "raw_diff_vs_" + family: float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))),
+                "raw_diff_vs_" + family: pd_["raw_diff"], "se": pd_["se"],
                 "benchmark_min_if_teachers": (V3_REST_S + 5 * q["train_s"]) / 60}
     out["other_sizes"] = others
     out["budget_min"] = BUDGET_S / 60
@@ -277,6 +292,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--summary", action="store_true", help="only (re)compute the summary of the points in --out")
     args = ap.parse_args()
+    from arena_assets.core.artifacts import atomic_write_text
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     src, work = Path(args.source), Path(args.work)
@@ -285,7 +302,7 @@ def main() -> int:
     body = json.loads(out.read_text()) if out.exists() else {"points": []}
     if args.summary:
         body["summary"] = summary(body, work, src)
-        out.write_text(json.dumps(body, indent=1, default=float) + "\n")
+        atomic_write_text(out, json.dumps(body, indent=1, default=float) + "\n")
         print(json.dumps(body["summary"], indent=1, default=float))
         return 0
     for n in args.n:
@@ -294,7 +311,7 @@ def main() -> int:
         body["points"] = [q for q in body["points"]
                           if not (q["n_external"] == n and q["teacher"]["family"] == p["teacher"]["family"])] + [p]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(body, indent=1, default=float) + "\n")
+        atomic_write_text(out, json.dumps(body, indent=1, default=float) + "\n")  # earlier points survive a crash
         print(json.dumps({k: p[k] for k in ("n_external", "rows_trained", "heldout_truth_raw", "heldout_truth_calibrated",
                                             "gap_closed_raw", "gap_closed_calibrated", "temperature", "train_s")}),
               flush=True)

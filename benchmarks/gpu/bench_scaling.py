@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=2 benchmarks/gpu/bench_scaling.py --mode tta   --out $OUT
     torchrun --nproc_per_node=2 benchmarks/gpu/bench_scaling.py --mode train --out $OUT
 
-* ``tta``: every rank takes its strided shard of the rows (``fast.shard_rows``) and runs the
+* ``tta``: every rank takes its shard of the rows (``fast.shard_rows``: balanced by length, or
+  strided with ``--shard strided`` as call 9 measured) and runs the
   project's TTA pass on it (no communication); rows/s = all rows / the slowest rank's time.
 * ``train``: the project's ``ArenaTrainer`` + ``_training_args`` on the Gemma-2-9B shape with
   LoRA r=64 (all linear); under torchrun the Trainer wraps the model in DDP itself (one rank per
@@ -94,7 +95,8 @@ def run_tta(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
     chars = None
     if args.shard == "balanced":  # by characters of the three spans (a proxy of tokens)
         chars = (df["prompt"].str.len() + df["response_a"].str.len() + df["response_b"].str.len()).to_numpy()
-    mine = df.iloc[shard_rows(len(df), rank, world, chars)].reset_index(drop=True)
+    rows = shard_rows(len(df), rank, world, chars)
+    mine = df.iloc[rows].reset_index(drop=True)
     warm, _ = B.synthetic_table(32, seed=2)
     model = B.build_model(shape, tok.pad_token_id, B._attn(args.attn))
     inf = InferSettings(max_length=args.max_length, batch_size=16, tta=True, slab_tokens=args.slab,
@@ -112,11 +114,11 @@ def run_tta(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
     mine_s = time.perf_counter() - t0
     finish = _gather(mine_s, world)
     warmups = _gather(warmup_s, world)
-    tokens = _gather(float(sum(chars[shard_rows(len(df), rank, world, chars)])) if chars is not None else float(len(mine)), world)
+    shard_chars = _gather(float(chars[rows].sum()) if chars is not None else float(len(mine)), world)
     slowest = max(finish)
     return {"rows": len(df), "shard": args.shard, "rows_this_rank": len(mine), "seconds_this_rank": mine_s, "seconds_slowest": slowest,
             "rank_seconds": finish, "rank_finish_spread": (max(finish) - min(finish)) / slowest if slowest else None,
-            "rank_warmup_s": warmups, "rank_shard_chars": tokens, "compile_cache": args.compile_cache,
+            "rank_warmup_s": warmups, "rank_shard_chars": shard_chars, "compile_cache": args.compile_cache,
             "compile_record": {k: v for k, v in getattr(model, "arena_record", {}).items() if "compile" in k},
             "rows_per_s": len(df) / slowest, "attn": args.attn, "peak_gib": B.peak_gib()}
 

@@ -142,7 +142,7 @@ def phase_warmchild(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, 
 
     from arena_assets.core.settings import InferSettings
     from arena_assets.gpu.formatting import encode_rows
-    from arena_assets.gpu.packing import pack_bins, register_attention
+    from arena_assets.gpu.packing import pack_bins, register_attention, tta_logits_packed
     from arena_assets.gpu.predict import tta_logits
 
     res: dict[str, Any] = {"cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "role": args.child_role}
@@ -178,8 +178,6 @@ def phase_warmchild(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, 
         z, t = B.timed(lambda: tta_logits(model, tok, df, Fmt, inf))
         runs.append(t)
         if args.child_ab:  # the same pass encoding the whole table first (the previous code), interleaved
-            from arena_assets.gpu.packing import tta_logits_packed
-
             B.free()
             z_first, t1 = B.timed(lambda: tta_logits_packed(model, tok, df, args.max_length, Fmt.prompt_max_tokens,
                                                               tta=True, slab_tokens=args.slabs[0], chunk_rows=None))
@@ -203,8 +201,6 @@ def phase_warmchild(rec: B.Recorder, args: argparse.Namespace, shape: dict[str, 
         try:
             res["profile"] = profile_pass(lambda: tta_logits(model, tok, df.head(max(8, args.rows // 4)), Fmt, inf))
             if args.child_ab:
-                from arena_assets.gpu.packing import tta_logits_packed
-
                 res["profile_encode_first"] = profile_pass(lambda: tta_logits_packed(
                     model, tok, df.head(max(8, args.rows // 4)), args.max_length, Fmt.prompt_max_tokens, tta=True,
                     slab_tokens=args.slabs[0], chunk_rows=None))
